@@ -1,0 +1,34 @@
+"""tr_align: Trust Region preference alignment (TR-DPO / TR-IPO / TR-KTO) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tr_align",
+    version="0.1.0",
+    description=(
+        "JAX/Flax Trust Region preference alignment (TR-DPO/TR-IPO/TR-KTO, "
+        "Gorbatovski et al. 2024, arXiv:2404.09656)"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tr_align", "tr_align.*"]),
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "chex>=0.1.90",
+        "grain>=0.2.18",
+        "ml-collections>=1.1",
+        "absl-py>=2.1",
+        "numpy>=2.0",
+        "tqdm>=4.66",
+        "matplotlib>=3.9",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["tr-align=tr_align.cli:main"]},
+)
