@@ -1,0 +1,410 @@
+"""Pure, jit-able preference losses on per-sequence log-probabilities.
+
+Conventions
+-----------
+* Every loss takes per-sequence log-probabilities ("logps"): the sum over the
+  completion tokens of log pi(y_t | x, y_<t), shape ``[B]``. ``pc``/``pr`` are
+  the policy logps of the chosen/rejected completions, ``rc``/``rr`` the
+  reference-model ones. ``chosen_logratios = pc - rc``,
+  ``rejected_logratios = pr - rr`` and ``logits = (pc - pr) - (rc - rr)``.
+* Functions return per-example arrays (never a reduced scalar); the batch loss
+  is ``losses.mean()``, exactly as in Hugging Face TRL.
+* Everything is computed in float32 (inputs are upcast). Config values
+  (``loss_type``, ``average``) are Python values and must be static under
+  ``jax.jit``; numeric hyper-parameters (``beta``, ``label_smoothing``, ...)
+  may be Python numbers (validated eagerly) or traced arrays (not validated).
+* Implicit rewards ``beta * logratios`` are returned wrapped in
+  ``jax.lax.stop_gradient`` (logging only, like TRL's ``.detach()``).
+* Formulas follow the 2024-2025 TRL ``DPOTrainer.dpo_loss`` (the version with
+  ``aot_pair``, the BCO running mean and the EXO eps fallback) and
+  ``KTOTrainer.kto_loss``; ``kto_pair`` is the paired KTO loss TRL's DPO trainer
+  had until mid-2024 (used for TR-KTO in Gorbatovski et al. 2024,
+  arXiv:2404.09656). Numerically equivalent rewrites are used where they are
+  more stable in float32 (e.g. ``1 - sigmoid(x)`` is computed as
+  ``sigmoid(-x)``).
+
+Only jax, jax.numpy and chex are needed; nothing else from ``tr_align``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import chex
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "LOSS_TYPES",
+    "preference_loss",
+    "uses_average_logps",
+    "kto_loss",
+    "token_logps",
+    "sequence_logps",
+]
+
+LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_pair",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "kto_pair",
+)
+
+_EXO_DEFAULT_EPS = 1e-3
+
+
+def _is_static_number(x) -> bool:
+    """True for Python / numpy scalars (values we can validate eagerly)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_loss_type(loss_type) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(
+            f"Unknown loss_type {loss_type!r}; valid loss types are: {', '.join(LOSS_TYPES)}."
+        )
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or (_is_static_number(value) and not value > 0):
+        raise ValueError(f"{name} must be > 0, got {value!r}.")
+
+
+def _f32(x) -> jax.Array:
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def uses_average_logps(loss_type: str) -> bool:
+    """Whether ``loss_type`` expects length-AVERAGED per-sequence log-probs.
+
+    TRL divides the summed completion log-probs by the number of completion
+    tokens for IPO only (``DPOTrainer.concatenated_forward``: ``if loss_type ==
+    "ipo": all_logps = all_logps / size_completion``); every other loss uses the
+    sum. Use the result as ``sequence_logps(..., average=...)``.
+
+    Raises:
+      ValueError: unknown ``loss_type``.
+    """
+    _check_loss_type(loss_type)
+    return loss_type == "ipo"
+
+
+def _smoothed_logistic(z: jax.Array, label_smoothing) -> jax.Array:
+    """-logsigmoid(z) * (1 - ls) - logsigmoid(-z) * ls  (cDPO form)."""
+    return (
+        -jax.nn.log_sigmoid(z) * (1.0 - label_smoothing) - jax.nn.log_sigmoid(-z) * label_smoothing
+    )
+
+
+def preference_loss(
+    loss_type: str,
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    *,
+    beta,
+    label_smoothing=0.0,
+    discopop_tau=0.05,
+    bco_delta=None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Paired preference losses of TRL's ``DPOTrainer.dpo_loss``.
+
+    Notation (all shape [B]): pc, pr = policy logps of chosen / rejected;
+    rc, rr = reference logps; cl = pc - rc, rl = pr - rr (log-ratios);
+    logits = (pc - pr) - (rc - rr) = cl - rl; ls = label_smoothing;
+    logsig = log(sigmoid(.)); z = beta * logits.
+
+    * ``sigmoid``  (DPO, Rafailov et al. 2023, arXiv:2305.18290; with ls > 0 the
+      conservative cDPO of Mitchell 2023):
+          -logsig(z) * (1 - ls) - logsig(-z) * ls
+    * ``robust``   (rDPO, Chowdhury et al. 2024, arXiv:2403.00409):
+          (-logsig(z) * (1 - ls) + logsig(-z) * ls) / (1 - 2 ls)
+    * ``exo_pair`` (EXO, Ji et al. 2024, arXiv:2402.00856, eq. 16), eps = ls if
+      ls > 0 else 1e-3:
+          sigmoid(z) (logsig(z) - log(1 - eps)) + sigmoid(-z) (logsig(-z) - log(eps))
+    * ``hinge``    (SLiC, Zhao et al. 2023 / RSO, Liu et al. 2023):  relu(1 - z)
+    * ``ipo``      (IPO, Azar et al. 2023, arXiv:2310.12036, eq. 17; beta = tau):
+          (logits - 1 / (2 beta))^2
+      NOTE: TRL feeds IPO length-AVERAGED logps (see ``uses_average_logps``).
+    * ``bco_pair`` (BCO, Jung et al. 2024, arXiv:2404.04656), with delta =
+      ``bco_delta`` if given, else stop_gradient(mean(concat(beta cl, beta rl)))
+      over the (global) batch:
+          -logsig(beta cl - delta) - logsig(-(beta rl - delta))
+      TRL uses a running mean (``RunningMoments``) of that batch mean across
+      training steps; a caller that wants TRL's exact behaviour keeps that
+      running value itself and passes it as ``bco_delta``.
+    * ``sppo_hard`` (SPPO, Wu et al. 2024, arXiv:2405.00675, hard labels):
+          (cl - 0.5 / beta)^2 + (rl + 0.5 / beta)^2
+    * ``nca_pair`` (NCA, Chen et al. 2024, arXiv:2402.05369):
+          -logsig(beta cl) - 0.5 logsig(-beta cl) - 0.5 logsig(-beta rl)
+    * ``aot_pair`` (AOT, Melnyk et al. 2024, arXiv:2406.05882, unpaired form):
+          d = sort(cl) - sort(rl)  (sorted over the batch axis);
+          -logsig(beta d) (1 - ls) - logsig(-beta d) ls
+    * ``aot``      (AOT, paired form): d = sort(pc - pr) - sort(rc - rr); same form.
+    * ``apo_zero`` (APO, D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 7):
+          (1 - sigmoid(beta cl)) + sigmoid(beta rl)
+    * ``apo_down`` (APO, eq. 8):
+          sigmoid(beta cl) + (1 - sigmoid(beta (cl - rl)))
+    * ``discopop`` (DiscoPOP, Chris Lu et al. 2024, arXiv:2406.08414, eq. 5),
+      m = sigmoid(z / discopop_tau):
+          -logsig(z) (1 - m) + exp(-z) m
+      (exp(-z) m is evaluated as exp(-z + logsig(z / tau)) to avoid inf * 0.)
+    * ``kto_pair`` (paired KTO, Ethayarajh et al. 2024, arXiv:2402.01306, eq. 7;
+      removed from TRL in 2024, used by TR-KTO): chosen_KL = max(mean(cl), 0),
+      rejected_KL = max(mean(rl), 0) (no stop_gradient, as in old TRL);
+          concat(1 - sigmoid(beta (cl - rejected_KL)),
+                 1 - sigmoid(beta (chosen_KL - rl)))      -> shape [2B]
+
+    Args:
+      loss_type: one of ``LOSS_TYPES`` (static under jit).
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps: float arrays of shape [B].
+      beta: inverse temperature / KL strength (> 0). For IPO it is tau.
+      label_smoothing: cDPO / rDPO noise rate in [0, 0.5) (also eps for EXO and
+        the smoothing of the AOT losses); ignored by the other losses.
+      discopop_tau: temperature of the DiscoPOP mixing coefficient (> 0).
+      bco_delta: optional reward shift for ``bco_pair`` (scalar).
+
+    Returns:
+      (losses, chosen_rewards, rejected_rewards): losses has shape [B] ([2B]
+      for ``kto_pair``); rewards are beta * cl and beta * rl (stop_gradient).
+      All float32.
+
+    Raises:
+      ValueError: unknown ``loss_type``; ``beta``/``discopop_tau`` <= 0 or
+        ``label_smoothing`` outside [0, 0.5] ([0, 0.5) for ``robust``) when given
+        as Python numbers.
+    """
+    _check_loss_type(loss_type)
+    _check_positive("beta", beta)
+    _check_positive("discopop_tau", discopop_tau)
+    ls = label_smoothing
+    if _is_static_number(ls):
+        if not 0.0 <= ls <= 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5], got {ls!r}.")
+        if loss_type == "robust" and ls == 0.5:
+            raise ValueError("label_smoothing must be < 0.5 for loss_type='robust'.")
+
+    chex.assert_rank(
+        [policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps], 1
+    )
+    chex.assert_equal_shape(
+        [policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps]
+    )
+    pc, pr, rc, rr = map(
+        _f32, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    )
+
+    chosen_logratios = pc - rc
+    rejected_logratios = pr - rr
+    logits = (pc - pr) - (rc - rr)
+    z = beta * logits
+
+    if loss_type == "sigmoid":
+        losses = _smoothed_logistic(z, ls)
+    elif loss_type == "robust":
+        losses = (-jax.nn.log_sigmoid(z) * (1.0 - ls) + jax.nn.log_sigmoid(-z) * ls) / (
+            1.0 - 2.0 * ls
+        )
+    elif loss_type == "exo_pair":
+        if _is_static_number(ls):
+            eps = float(ls) if ls > 0 else _EXO_DEFAULT_EPS
+            log_p_chosen, log_p_rejected = math.log1p(-eps), math.log(eps)
+        else:
+            eps = jnp.where(ls > 0, ls, _EXO_DEFAULT_EPS).astype(jnp.float32)
+            log_p_chosen, log_p_rejected = jnp.log1p(-eps), jnp.log(eps)
+        losses = jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - log_p_chosen) + jax.nn.sigmoid(-z) * (
+            jax.nn.log_sigmoid(-z) - log_p_rejected
+        )
+    elif loss_type == "hinge":
+        losses = jax.nn.relu(1.0 - z)
+    elif loss_type == "ipo":
+        losses = (logits - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "bco_pair":
+        chosen_r = beta * chosen_logratios
+        rejected_r = beta * rejected_logratios
+        if bco_delta is None:
+            delta = jax.lax.stop_gradient(jnp.mean(jnp.concatenate([chosen_r, rejected_r])))
+        else:
+            delta = _f32(bco_delta)
+        losses = -jax.nn.log_sigmoid(chosen_r - delta) - jax.nn.log_sigmoid(-(rejected_r - delta))
+    elif loss_type == "sppo_hard":
+        losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    elif loss_type == "nca_pair":
+        chosen_r = beta * chosen_logratios
+        rejected_r = beta * rejected_logratios
+        losses = (
+            -jax.nn.log_sigmoid(chosen_r)
+            - 0.5 * jax.nn.log_sigmoid(-chosen_r)
+            - 0.5 * jax.nn.log_sigmoid(-rejected_r)
+        )
+    elif loss_type == "aot_pair":
+        delta = jnp.sort(chosen_logratios, axis=0) - jnp.sort(rejected_logratios, axis=0)
+        losses = _smoothed_logistic(beta * delta, ls)
+    elif loss_type == "aot":
+        delta = jnp.sort(pc - pr, axis=0) - jnp.sort(rc - rr, axis=0)
+        losses = _smoothed_logistic(beta * delta, ls)
+    elif loss_type == "apo_zero":
+        # 1 - sigmoid(x) == sigmoid(-x), without cancellation for large x.
+        losses = jax.nn.sigmoid(-beta * chosen_logratios) + jax.nn.sigmoid(
+            beta * rejected_logratios
+        )
+    elif loss_type == "apo_down":
+        losses = jax.nn.sigmoid(beta * chosen_logratios) + jax.nn.sigmoid(
+            -beta * (chosen_logratios - rejected_logratios)
+        )
+    elif loss_type == "discopop":
+        one_minus_m = jax.nn.sigmoid(-z / discopop_tau)
+        exp_times_m = jnp.exp(-z + jax.nn.log_sigmoid(z / discopop_tau))
+        losses = -jax.nn.log_sigmoid(z) * one_minus_m + exp_times_m
+    elif loss_type == "kto_pair":
+        # clamp(min=0) with torch's subgradient convention (gradient 1 at 0).
+        chosen_kl_raw = jnp.mean(chosen_logratios)
+        rejected_kl_raw = jnp.mean(rejected_logratios)
+        chosen_kl = jnp.where(chosen_kl_raw >= 0, chosen_kl_raw, 0.0)
+        rejected_kl = jnp.where(rejected_kl_raw >= 0, rejected_kl_raw, 0.0)
+        losses = jnp.concatenate(
+            [
+                jax.nn.sigmoid(-beta * (chosen_logratios - rejected_kl)),
+                jax.nn.sigmoid(-beta * (chosen_kl - rejected_logratios)),
+            ]
+        )
+    else:  # pragma: no cover - guarded by _check_loss_type
+        raise AssertionError(loss_type)
+
+    chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)
+    rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratios)
+    return losses.astype(jnp.float32), chosen_rewards, rejected_rewards
+
+
+def kto_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    policy_kl_logps: jax.Array | None,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    ref_kl_logps: jax.Array | None,
+    *,
+    beta,
+    desirable_weight=1.0,
+    undesirable_weight=1.0,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Unpaired KTO loss of TRL's ``KTOTrainer.kto_loss`` (loss_type="kto").
+
+    KTO: Ethayarajh et al. 2024, arXiv:2402.01306, eq. 7. With
+    cl = pc - rc (desirable examples, shape [Nc]) and rl = pr - rr (undesirable
+    examples, shape [Nr]; Nc and Nr may differ and may be 0):
+
+        kl = stop_gradient(max(mean(policy_kl_logps - ref_kl_logps), 0))
+        chosen_losses   = 1 - sigmoid(beta * (cl - kl))
+        rejected_losses = 1 - sigmoid(beta * (kl - rl))
+        losses = concat(desirable_weight * chosen_losses,
+                        undesirable_weight * rejected_losses)        # [Nc + Nr]
+
+    The KL reference point is estimated from mismatched prompt/completion pairs
+    (``policy_kl_logps``/``ref_kl_logps``, shape [K]). Pass ``None`` for both to
+    use kl = 0 (TRL's ``calculate_KL=False``). TRL additionally averages kl over
+    data-parallel processes; under ``jax.jit`` with a globally sharded batch the
+    mean here is already global. The batch loss is ``losses.mean()``.
+
+    Returns:
+      (losses [Nc + Nr], chosen_rewards [Nc] = beta * cl, rejected_rewards [Nr]
+      = beta * rl, kl scalar), all float32; rewards and kl are stop_gradient-ed.
+    """
+    _check_positive("beta", beta)
+    chex.assert_rank(
+        [policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps], 1
+    )
+    chex.assert_equal_shape([policy_chosen_logps, ref_chosen_logps])
+    chex.assert_equal_shape([policy_rejected_logps, ref_rejected_logps])
+    if (policy_kl_logps is None) != (ref_kl_logps is None):
+        raise ValueError("policy_kl_logps and ref_kl_logps must both be given or both be None.")
+
+    if policy_kl_logps is None:
+        kl = jnp.zeros((), jnp.float32)
+    else:
+        chex.assert_rank([policy_kl_logps, ref_kl_logps], 1)
+        chex.assert_equal_shape([policy_kl_logps, ref_kl_logps])
+        kl = jnp.maximum(jnp.mean(_f32(policy_kl_logps) - _f32(ref_kl_logps)), 0.0)
+        kl = jax.lax.stop_gradient(kl)
+
+    chosen_logratios = _f32(policy_chosen_logps) - _f32(ref_chosen_logps)
+    rejected_logratios = _f32(policy_rejected_logps) - _f32(ref_rejected_logps)
+    # 1 - sigmoid(x) == sigmoid(-x)
+    chosen_losses = jax.nn.sigmoid(-beta * (chosen_logratios - kl))
+    rejected_losses = jax.nn.sigmoid(-beta * (kl - rejected_logratios))
+    losses = jnp.concatenate(
+        [desirable_weight * chosen_losses, undesirable_weight * rejected_losses]
+    ).astype(jnp.float32)
+    chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)
+    rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratios)
+    return losses, chosen_rewards, rejected_rewards, kl
+
+
+def token_logps(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-token log-probabilities log softmax(logits)[label], float32 [B, T].
+
+    Computed as ``take_along_axis(logits, labels) - logsumexp(logits)``: the
+    gather reads the original dtype (exact upcast of one value per token) and
+    the float32 upcast of the full [B, T, V] array is fused by XLA into the
+    logsumexp reduction, so no second [B, T, V] array is materialised (unlike
+    ``log_softmax``). Labels are clipped to [0, V - 1] so padding ids such as
+    -100 are safe; mask such positions afterwards (``sequence_logps`` does).
+
+    Args:
+      logits: [B, T, V] float (any float dtype); ``logits[b, t]`` predicts
+        ``labels[b, t]`` (already shifted by the caller).
+      labels: [B, T] integer token ids.
+    """
+    chex.assert_rank(logits, 3)
+    chex.assert_rank(labels, 2)
+    chex.assert_type(labels, int)
+    chex.assert_equal_shape_prefix([logits, labels], 2)
+    vocab = logits.shape[-1]
+    safe_labels = jnp.clip(labels, 0, vocab - 1).astype(jnp.int32)
+    picked = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    return picked.astype(jnp.float32) - lse
+
+
+def sequence_logps(
+    logits: jax.Array, labels: jax.Array, loss_mask: jax.Array, *, average: bool = False
+) -> jax.Array:
+    """Per-sequence log-probability of ``labels`` under ``logits``, float32 [B].
+
+        sum_t mask[b, t] * log softmax(logits[b, t])[labels[b, t]]
+        (divided by max(sum_t mask[b, t], 1) when ``average=True``)
+
+    This is TRL's ``_get_batch_logps`` / ``selective_log_softmax`` reduction
+    (TRL shifts inside; here the caller passes already-shifted logits/labels).
+    Positions with mask 0 contribute exactly 0 even if their logits are
+    non-finite, and their labels may be arbitrary (e.g. 0 or -100).
+
+    Args:
+      logits: [B, T, V] float (any float dtype).
+      labels: [B, T] int.
+      loss_mask: [B, T] 0/1 (bool, int or float).
+      average: return the length-averaged log-prob (used for IPO, see
+        ``uses_average_logps``); static under jit.
+    """
+    chex.assert_rank(loss_mask, 2)
+    chex.assert_equal_shape([labels, loss_mask])
+    per_token = token_logps(logits, labels)
+    mask = loss_mask.astype(jnp.float32)
+    per_token = jnp.where(mask != 0, per_token, 0.0) * mask
+    total = per_token.sum(axis=-1)
+    if average:
+        return total / jnp.maximum(mask.sum(axis=-1), 1.0)
+    return total
