@@ -1,0 +1,99 @@
+"""Default recipe: TR-DPO on the built-in synthetic preference task, tiny Llama from scratch.
+
+Run (offline, 2 CPU cores, about a minute):
+
+    tr-align train --config=configs/default.py --workdir=runs/default
+
+Variants: pass a preset after a colon, e.g. ``--config=configs/default.py:tr-hard``
+(presets: tr-soft [default], tr-hard, vanilla), and override any key, e.g.
+``--config.loss.type=ipo --config.train.steps=800``. TR-IPO is
+``--config.loss.type=ipo``, TR-KTO is ``--config.loss.type=kto_pair``.
+
+Expected result: held-out reward accuracy (implicit reward measured against the
+starting policy, on prompts never trained on) above 0.9, printed at the end and
+logged as ``eval/init_rewards/accuracies``.
+"""
+
+import ml_collections
+
+from tr_align import trust_region
+
+
+def get_config(preset: str | None = None):
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            vocab_size=32,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            max_position_embeddings=64,
+            dtype="float32",
+        )
+    )
+
+    # The synthetic task (tr_align/data/synthetic.py); vocab follows model.vocab_size.
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="synthetic",
+            num_train=2048,
+            num_eval=512,
+            min_prompt_len=4,
+            max_prompt_len=8,
+            response_len=6,
+        )
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=400,
+            batch_size=32,  # preference pairs per step (global)
+            eval_batch_size=128,
+            seed=0,
+            log_every_steps=1,
+            eval_every_steps=100,
+        )
+    )
+
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            learning_rate=1e-3,
+            warmup_steps=20,
+            schedule="linear",  # linear | cosine | constant (after warmup)
+            end_lr_factor=0.0,
+            weight_decay=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            max_grad_norm=1.0,  # <= 0 disables clipping
+        )
+    )
+
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            type="sigmoid",  # any of tr_align.losses.LOSS_TYPES
+            beta=0.1,
+            label_smoothing=0.0,
+            discopop_tau=0.05,
+        )
+    )
+
+    c.trust_region = ml_collections.ConfigDict(trust_region.PRESETS["tr-soft"])
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, max_to_keep=2))
+
+    if preset:
+        if preset not in trust_region.PRESETS:
+            raise ValueError(
+                f"unknown preset {preset!r}; expected one of {sorted(trust_region.PRESETS)}"
+            )
+        c.trust_region.update(trust_region.PRESETS[preset])
+    return c

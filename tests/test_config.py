@@ -1,0 +1,42 @@
+"""Bad config values are rejected before any compute, with one line naming key, value and rule."""
+import pytest
+
+from tr_align import config as config_lib
+from tr_align.config import ConfigError
+
+
+@pytest.mark.parametrize(
+    "key,value,pattern",
+    [
+        ("loss.type", "dpo", r"loss\.type='dpo': must be one of sigmoid, ipo, .*kto_pair"),
+        ("loss.beta", 0.0, r"loss\.beta=0\.0: must be a number > 0"),
+        ("loss.beta", -1.0, r"loss\.beta=-1\.0"),
+        ("loss.label_smoothing", 0.5, r"loss\.label_smoothing=0\.5: must be in \[0, 0\.5\)"),
+        ("trust_region.alpha", 1.5, r"trust_region\.alpha=1\.5: must be in \[0, 1\]"),
+        ("trust_region.alpha", -0.1, r"trust_region\.alpha=-0\.1"),
+        ("trust_region.tau", 0, r"trust_region\.tau=0: must be an integer >= 1"),
+        ("train.batch_size", 12, r"train\.batch_size=12: must be divisible by the data-parallel size mesh\.data\*mesh\.fsdp=8"),
+        ("train.steps", 0, r"train\.steps=0: must be an integer >= 1"),
+        ("optimizer.learning_rate", 0.0, r"optimizer\.learning_rate=0\.0"),
+        ("optimizer.schedule", "step", r"optimizer\.schedule='step': must be one of linear, cosine, constant"),
+        ("checkpoint.every_steps", 0, r"checkpoint\.every_steps=0"),
+        ("mesh.data", 3, r"mesh=.*needs 3 devices, 8 available|does not divide 8 devices"),
+    ],
+)
+def test_invalid_values_name_the_key(tiny_config, key, value, pattern):
+    config = tiny_config(**{key: value})
+    with pytest.raises(ConfigError, match=pattern) as err:
+        config_lib.validate(config, num_devices=8)
+    assert "\n" not in str(err.value)
+
+
+def test_default_and_presets_are_valid(tiny_config):
+    for preset in (None, "tr-soft", "tr-hard", "vanilla"):
+        config_lib.validate(tiny_config(preset), num_devices=8)
+
+
+def test_missing_key(tiny_config):
+    config = tiny_config()
+    del config.trust_region["tau"]
+    with pytest.raises(ConfigError, match=r"trust_region\.tau: missing"):
+        config_lib.validate(config, num_devices=1)

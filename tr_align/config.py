@@ -1,0 +1,149 @@
+"""Config checks that run before any compute.
+
+Every problem is reported as a one-line ``ConfigError`` naming the key, the
+value and what is allowed, e.g.
+``trust_region.alpha=1.5: must be in [0, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tr_align import losses, optim, sharding
+
+REQUIRED_KEYS = (
+    "train.steps",
+    "train.batch_size",
+    "train.seed",
+    "train.log_every_steps",
+    "train.eval_every_steps",
+    "train.eval_batch_size",
+    "optimizer.learning_rate",
+    "optimizer.warmup_steps",
+    "optimizer.schedule",
+    "loss.type",
+    "loss.beta",
+    "loss.label_smoothing",
+    "trust_region.alpha",
+    "trust_region.tau",
+    "trust_region.enabled",
+    "checkpoint.every_steps",
+    "checkpoint.max_to_keep",
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.tensor",
+    "model.vocab_size",
+    "data.source",
+)
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the key."""
+
+
+def _get(config, key):
+    node = config
+    for part in key.split("."):
+        try:
+            node = node[part]
+        except (KeyError, AttributeError):
+            raise ConfigError(f"{key}: missing from the config") from None
+    return node
+
+
+def _check(ok, key, value, allowed):
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate(config, num_devices: int) -> None:
+    """Raises ConfigError for the first invalid value in ``config``."""
+    for key in REQUIRED_KEYS:
+        _get(config, key)
+    t, o, lo, tr = config.train, config.optimizer, config.loss, config.trust_region
+
+    for key in (
+        "train.steps",
+        "train.batch_size",
+        "train.eval_batch_size",
+        "train.log_every_steps",
+        "train.eval_every_steps",
+        "checkpoint.every_steps",
+        "checkpoint.max_to_keep",
+    ):
+        v = _get(config, key)
+        _check(_is_int(v) and v >= 1, key, v, "must be an integer >= 1")
+    _check(_is_int(t.seed), "train.seed", t.seed, "must be an integer")
+
+    _check(
+        lo.type in losses.LOSS_TYPES,
+        "loss.type",
+        lo.type,
+        f"must be one of {', '.join(losses.LOSS_TYPES)}",
+    )
+    _check(_is_num(lo.beta) and lo.beta > 0, "loss.beta", lo.beta, "must be a number > 0")
+    _check(
+        _is_num(lo.label_smoothing) and 0 <= lo.label_smoothing < 0.5,
+        "loss.label_smoothing",
+        lo.label_smoothing,
+        "must be in [0, 0.5)",
+    )
+
+    _check(
+        isinstance(tr.enabled, bool), "trust_region.enabled", tr.enabled, "must be True or False"
+    )
+    _check(
+        _is_num(tr.alpha) and 0 <= tr.alpha <= 1,
+        "trust_region.alpha",
+        tr.alpha,
+        "must be in [0, 1]",
+    )
+    _check(_is_int(tr.tau) and tr.tau >= 1, "trust_region.tau", tr.tau, "must be an integer >= 1")
+
+    _check(
+        _is_num(o.learning_rate) and o.learning_rate > 0,
+        "optimizer.learning_rate",
+        o.learning_rate,
+        "must be a number > 0",
+    )
+    _check(
+        _is_int(o.warmup_steps) and 0 <= o.warmup_steps,
+        "optimizer.warmup_steps",
+        o.warmup_steps,
+        "must be an integer >= 0",
+    )
+    _check(
+        o.schedule in optim.SCHEDULES,
+        "optimizer.schedule",
+        o.schedule,
+        f"must be one of {', '.join(optim.SCHEDULES)}",
+    )
+
+    _check(
+        config.data.source == "synthetic",
+        "data.source",
+        config.data.source,
+        "must be 'synthetic' (other sources: see the data pipeline issue)",
+    )
+
+    try:
+        shape = sharding.mesh_shape(config.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dp = shape[0] * shape[1]
+    for key in ("train.batch_size", "train.eval_batch_size"):
+        v = _get(config, key)
+        _check(
+            v % dp == 0,
+            key,
+            v,
+            f"must be divisible by the data-parallel size mesh.data*mesh.fsdp={dp}",
+        )

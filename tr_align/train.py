@@ -1,0 +1,199 @@
+"""The functional core: ``TrainState`` and one pure train step.
+
+``train_step(state, batch) -> (state, metrics)`` runs, all on device:
+  1. one policy forward over chosen and rejected together (interleaved as a
+     [2B, T] batch, so each data-parallel shard keeps its own pairs),
+  2. one reference forward on the same batch, under ``stop_gradient``,
+  3. the preference loss (``tr_align.losses``) and its gradient,
+  4. the optax update of the policy,
+  5. the trust-region reference update (``tr_align.trust_region``), unless the
+     reference is frozen (vanilla DPO/IPO/KTO).
+
+The step is jitted by ``compile_train_step`` with explicit in/out shardings and
+the state donated, so parameters never leave the device and the reference is
+updated in place.
+
+Batches are dicts of [B, T] int32 arrays named
+``{chosen,rejected}_{input_ids,attention_mask,loss_mask}``; ``loss_mask`` is 1
+on completion tokens (the tokens whose log-probs are summed).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from tr_align import losses, sharding, trust_region
+
+PAIR_KEYS = tuple(
+    f"{k}_{f}" for k in ("chosen", "rejected") for f in ("input_ids", "attention_mask", "loss_mask")
+)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates done
+    params: Any  # policy parameters
+    ref_params: Any  # reference parameters (the SFT model at step 0)
+    opt_state: Any
+    rng: jax.Array  # uint32[2] PRNG key, split once per step
+
+
+def init_state(rng, init_fn: Callable, tx: optax.GradientTransformation) -> TrainState:
+    """A fresh state: the reference starts as an exact copy of the initial policy."""
+    params_rng, state_rng = jax.random.split(rng)
+    params = init_fn(params_rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ref_params=jax.tree.map(jnp.copy, params),
+        opt_state=tx.init(params),
+        rng=state_rng,
+    )
+
+
+def pair_logps(apply_fn, params, batch, *, average: bool = False):
+    """Per-sequence log-probs of the chosen and rejected completions, one forward.
+
+    Returns:
+      (chosen_logps [B], rejected_logps [B]) in float32.
+    """
+
+    def stack(name):  # [B, T] x 2 -> [2B, T], rows (chosen_0, rejected_0, chosen_1, ...)
+        both = jnp.stack([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=1)
+        return both.reshape((-1,) + both.shape[2:])
+
+    ids_NT, attn_NT, loss_NT = stack("input_ids"), stack("attention_mask"), stack("loss_mask")
+    # Position t predicts token t + 1: feed T - 1 tokens, score tokens 1..T-1.
+    logits_NTV = apply_fn(params, ids_NT[:, :-1], attn_NT[:, :-1])
+    logps_N = losses.sequence_logps(logits_NTV, ids_NT[:, 1:], loss_NT[:, 1:], average=average)
+    logps_B2 = logps_N.reshape(-1, 2)
+    return logps_B2[:, 0], logps_B2[:, 1]
+
+
+def _loss_kwargs(loss_cfg):
+    return dict(
+        beta=float(loss_cfg.beta),
+        label_smoothing=float(loss_cfg.label_smoothing),
+        discopop_tau=float(loss_cfg.discopop_tau),
+    )
+
+
+def _reward_metrics(prefix, chosen_rewards, rejected_rewards, weight=None):
+    acc = (chosen_rewards > rejected_rewards).astype(jnp.float32)
+    margin = chosen_rewards - rejected_rewards
+    mean = jnp.mean if weight is None else (lambda x: jnp.sum(x * weight) / jnp.sum(weight))
+    return {
+        f"{prefix}rewards/chosen": mean(chosen_rewards),
+        f"{prefix}rewards/rejected": mean(rejected_rewards),
+        f"{prefix}rewards/accuracies": mean(acc),
+        f"{prefix}rewards/margins": mean(margin),
+    }
+
+
+def train_step(state: TrainState, batch, *, apply_fn, tx, schedule, loss_cfg, tr_cfg):
+    """One optimizer step of (TR-)DPO/IPO/KTO-pair. Pure; jit with ``compile_train_step``."""
+    average = losses.uses_average_logps(loss_cfg.type)
+    rng, _ = jax.random.split(state.rng)  # no dropout yet; the key still advances per step
+
+    ref_c, ref_r = pair_logps(apply_fn, state.ref_params, batch, average=average)
+    ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
+
+    def loss_fn(params):
+        pol_c, pol_r = pair_logps(apply_fn, params, batch, average=average)
+        per_example, c_rew, r_rew = losses.preference_loss(
+            loss_cfg.type, pol_c, pol_r, ref_c, ref_r, **_loss_kwargs(loss_cfg)
+        )
+        return per_example.mean(), (pol_c, pol_r, c_rew, r_rew)
+
+    (loss, (pol_c, pol_r, c_rew, r_rew)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+
+    if tr_cfg.enabled:
+        ref_params = trust_region.update_reference(
+            state.ref_params, params, step, alpha=float(tr_cfg.alpha), tau=int(tr_cfg.tau)
+        )
+    else:
+        ref_params = state.ref_params
+
+    metrics = {
+        "loss": loss,
+        **_reward_metrics("", c_rew, r_rew),
+        "logps/chosen": pol_c.mean(),
+        "logps/rejected": pol_r.mean(),
+        "ref_logps/chosen": ref_c.mean(),
+        "ref_logps/rejected": ref_r.mean(),
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": schedule(state.step),
+        "ref/updates": trust_region.num_updates(step, enabled=tr_cfg.enabled, tau=int(tr_cfg.tau)),
+        "ref/param_distance": trust_region.param_distance(params, ref_params),
+    }
+    new_state = state.replace(
+        step=step, params=params, ref_params=ref_params, opt_state=opt_state, rng=rng
+    )
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch, init_logps, *, apply_fn, loss_cfg):
+    """Held-out metrics for one batch (rows weighted by ``batch['weight']``).
+
+    Returns weighted sums of the TRL-style metrics against the *current*
+    reference (``eval/rewards/...``) and of the implicit-reward accuracy against
+    the *initial* policy (``eval/init_rewards/accuracies``; ``init_logps`` holds
+    the starting policy's (chosen, rejected) log-probs of these rows), plus the
+    policy log-probs themselves so the caller can record ``init_logps`` at step 0.
+    """
+    average = losses.uses_average_logps(loss_cfg.type)
+    weight = batch["weight"]
+    pol_c, pol_r = pair_logps(apply_fn, state.params, batch, average=average)
+    ref_c, ref_r = pair_logps(apply_fn, state.ref_params, batch, average=average)
+    per_example, c_rew, r_rew = losses.preference_loss(
+        loss_cfg.type, pol_c, pol_r, ref_c, ref_r, **_loss_kwargs(loss_cfg)
+    )
+    if per_example.shape[0] != weight.shape[0]:  # kto_pair: [chosen part; rejected part]
+        per_example = per_example.reshape(2, -1).mean(0)
+    init_c, init_r = init_logps
+    init_margin = (pol_c - init_c) - (pol_r - init_r)
+    metrics = {
+        "eval/loss": jnp.sum(per_example * weight) / jnp.sum(weight),
+        **_reward_metrics("eval/", c_rew, r_rew, weight),
+        "eval/init_rewards/accuracies": jnp.sum((init_margin > 0) * weight) / jnp.sum(weight),
+        "eval/init_rewards/margins": float(loss_cfg.beta)
+        * jnp.sum(init_margin * weight)
+        / jnp.sum(weight),
+    }
+    return metrics, (pol_c, pol_r)
+
+
+def compile_train_step(mesh, state_shardings, *, apply_fn, tx, schedule, loss_cfg, tr_cfg):
+    """``train_step`` jitted over ``mesh``: explicit shardings, state donated."""
+    fn = functools.partial(
+        train_step, apply_fn=apply_fn, tx=tx, schedule=schedule, loss_cfg=loss_cfg, tr_cfg=tr_cfg
+    )
+    batch_sh = {k: sharding.batch_sharding(mesh) for k in PAIR_KEYS}
+    return jax.jit(
+        fn,
+        in_shardings=(state_shardings, batch_sh),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def compile_eval_step(mesh, state_shardings, *, apply_fn, loss_cfg):
+    fn = functools.partial(eval_step, apply_fn=apply_fn, loss_cfg=loss_cfg)
+    batch_sh = sharding.batch_sharding(mesh)
+    return jax.jit(
+        fn,
+        in_shardings=(state_shardings, batch_sh, batch_sh),
+        out_shardings=(sharding.replicated(mesh), batch_sh),
+    )
