@@ -1,0 +1,122 @@
+"""The training loop: outputs, exact resume, failure handling (tiny configs, CPU)."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from tr_align import checkpoint, loop
+from tr_align.metrics import read_jsonl
+
+TRL_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "ref_logps/chosen",
+    "ref_logps/rejected",
+    "grad_norm",
+    "learning_rate",
+    "ref/updates",
+    "ref/param_distance",
+)
+
+
+def _final_state(config, workdir):
+    built = loop.build(config, devices=jax.devices()[:1])
+    mngr = checkpoint.manager(workdir, max_to_keep=5)
+    step, state, _, _ = checkpoint.restore_latest(mngr, built.abstract_state, built.state_shardings)
+    return step, jax.tree.map(np.asarray, state)
+
+
+def _train_losses(workdir):
+    return {
+        r["step"]: r["loss"]
+        for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        if "loss" in r
+    }
+
+
+def test_run_writes_all_outputs(tiny_config, tmp_path):
+    config = tiny_config()
+    summary = loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:1])
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 7))
+    for r in train:
+        assert set(TRL_METRICS) <= set(r), set(TRL_METRICS) - set(r)
+    evals = [r for r in records if "eval/rewards/accuracies" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert "eval/init_rewards/accuracies" in evals[-1]
+    assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+    assert json.loads((tmp_path / "summary.json").read_text())["step"] == 6 == summary["step"]
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints")) == [3, 6]
+    assert json.loads((tmp_path / "config.json").read_text())["loss"]["type"] == "sigmoid"
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tiny_config, tmp_path):
+    """2N steps straight == N steps, interrupted, then resumed to 2N: identical losses at
+    every step and identical final parameters (CPU is deterministic)."""
+    config = tiny_config(
+        "tr-soft", **{"train.steps": 12, "checkpoint.every_steps": 4, "train.eval_every_steps": 6}
+    )
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    loop.run(config, straight, progress=False, devices=jax.devices()[:1])
+
+    loop.run(config, resumed, stop_at_step=6, progress=False, devices=jax.devices()[:1])
+    assert max(_train_losses(resumed)) == 6
+    # Simulate a crash after step 6 whose last checkpoint is step 4: steps 5-6 are
+    # already in metrics.jsonl and must be recomputed, not duplicated.
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+    loop.run(config, resumed, progress=False, devices=jax.devices()[:1])
+
+    a, b = _train_losses(straight), _train_losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert a == b  # exact equality, step by step
+    records = read_jsonl(os.path.join(resumed, "metrics.jsonl"))
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))  # no duplicates
+    sa, state_a = _final_state(config, straight)
+    sb, state_b = _final_state(config, resumed)
+    assert sa == sb == 12
+    for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_rerun_of_finished_run_does_nothing(tiny_config, tmp_path):
+    config = tiny_config()
+    loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:1])
+    before = _train_losses(str(tmp_path))
+    summary = loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:1])
+    assert summary["step"] == 6 and _train_losses(str(tmp_path)) == before
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+    config = tiny_config(
+        **{
+            "optimizer.learning_rate": 1e30,
+            "optimizer.warmup_steps": 0,
+            "optimizer.schedule": "constant",
+            "optimizer.max_grad_norm": 0.0,
+            "checkpoint.every_steps": 1,
+            "train.steps": 20,
+        }
+    )
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite at step (\d+).*last good checkpoint is step"
+    ):
+        loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:1])
+    steps = checkpoint.manager(str(tmp_path), max_to_keep=5).all_steps()
+    assert steps and max(steps) < 20
+    assert not [
+        d for d in os.listdir(tmp_path / "checkpoints") if "tmp" in d
+    ]  # no half-written save
+    _, state = _final_state(config, str(tmp_path))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))

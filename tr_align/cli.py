@@ -1,0 +1,78 @@
+"""Command line: ``tr-align COMMAND [flags]`` (also ``python -m tr_align``).
+
+Commands:
+  train   Train or resume a run:
+          tr-align train --config=configs/default.py[:PRESET] --workdir=DIR [--config.KEY=VALUE ...]
+          Rerunning with the same --workdir resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = __doc__.split("\n", 2)[2]
+_REPO_DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"
+)
+
+
+def _train(argv) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config",
+        default=_REPO_DEFAULT_CONFIG if os.path.exists(_REPO_DEFAULT_CONFIG) else None,
+        help_string="Config file with get_config(); append ':PRESET' (tr-soft, tr-hard, vanilla) "
+        "to pick a trust-region preset, override keys with --config.KEY=VALUE.",
+        lock_config=True,
+    )
+    flags.DEFINE_string(
+        "workdir", None, "Run directory (resumed if it has checkpoints).", required=True
+    )
+    flags.DEFINE_integer(
+        "stop_at_step", None, "Stop after this step with a checkpoint, as if interrupted there."
+    )
+    FLAGS = flags.FLAGS
+
+    def main(_):
+        from absl import logging
+
+        if not any(a.startswith(("--verbosity", "-v")) for a in argv):
+            logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        from tr_align import loop
+        from tr_align.config import ConfigError
+
+        try:
+            loop.run(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step)
+        except ConfigError as e:
+            print(f"tr-align: config error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except FloatingPointError as e:
+            print(f"tr-align: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    app.run(main, argv=[f"{argv[0]} train"] + list(argv[2:]))
+
+
+COMMANDS = {"train": _train}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv if argv is None else argv
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(f"usage: tr-align COMMAND [flags]\n\n{USAGE}")
+        return 0
+    if argv[1] not in COMMANDS:
+        print(
+            f"tr-align: unknown command {argv[1]!r}; expected one of {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
+        return 2
+    COMMANDS[argv[1]](argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
