@@ -1,4 +1,5 @@
 """``tr-align`` / ``python -m tr_align`` end to end in subprocesses, as a user runs it."""
+
 import json
 import os
 import subprocess
@@ -21,8 +22,14 @@ TINY = [
 
 def _cli(*args, timeout=300):
     env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # one CPU device
-    return subprocess.run([sys.executable, "-m", "tr_align", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tr_align", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_help_lists_commands():
@@ -44,8 +51,14 @@ def test_bad_config_value_is_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_train_preset_and_overrides(tmp_path):
-    out = _cli("train", "--config=configs/default.py:tr-hard", f"--workdir={tmp_path}",
-               "--config.trust_region.tau=2", "--config.loss.type=ipo", *TINY)
+    out = _cli(
+        "train",
+        "--config=configs/default.py:tr-hard",
+        f"--workdir={tmp_path}",
+        "--config.trust_region.tau=2",
+        "--config.loss.type=ipo",
+        *TINY,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "done at step 4/4" in out.stdout
     config = json.loads((tmp_path / "config.json").read_text())
@@ -54,6 +67,12 @@ def test_train_preset_and_overrides(tmp_path):
     last = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("ref/updates", 0) for r in last) == 2
     # Same command again: resumes, finds the run finished.
-    again = _cli("train", "--config=configs/default.py:tr-hard", f"--workdir={tmp_path}",
-                 "--config.trust_region.tau=2", "--config.loss.type=ipo", *TINY)
+    again = _cli(
+        "train",
+        "--config=configs/default.py:tr-hard",
+        f"--workdir={tmp_path}",
+        "--config.trust_region.tau=2",
+        "--config.loss.type=ipo",
+        *TINY,
+    )
     assert again.returncode == 0 and "resuming from step 4" in again.stdout

@@ -1,4 +1,5 @@
 """Bad config values are rejected before any compute, with one line naming key, value and rule."""
+
 import pytest
 
 from tr_align import config as config_lib
@@ -15,10 +16,18 @@ from tr_align.config import ConfigError
         ("trust_region.alpha", 1.5, r"trust_region\.alpha=1\.5: must be in \[0, 1\]"),
         ("trust_region.alpha", -0.1, r"trust_region\.alpha=-0\.1"),
         ("trust_region.tau", 0, r"trust_region\.tau=0: must be an integer >= 1"),
-        ("train.batch_size", 12, r"train\.batch_size=12: must be divisible by the data-parallel size mesh\.data\*mesh\.fsdp=8"),
+        (
+            "train.batch_size",
+            12,
+            r"train\.batch_size=12: must be divisible by the data-parallel size mesh\.data\*mesh\.fsdp=8",
+        ),
         ("train.steps", 0, r"train\.steps=0: must be an integer >= 1"),
         ("optimizer.learning_rate", 0.0, r"optimizer\.learning_rate=0\.0"),
-        ("optimizer.schedule", "step", r"optimizer\.schedule='step': must be one of linear, cosine, constant"),
+        (
+            "optimizer.schedule",
+            "step",
+            r"optimizer\.schedule='step': must be one of linear, cosine, constant",
+        ),
         ("checkpoint.every_steps", 0, r"checkpoint\.every_steps=0"),
         ("mesh.data", 3, r"mesh=.*needs 3 devices, 8 available|does not divide 8 devices"),
     ],

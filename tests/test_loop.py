@@ -120,3 +120,46 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_pa
     ]  # no half-written save
     _, state = _final_state(config, str(tmp_path))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_sigint_finishes_the_step_and_checkpoints(tiny_config, tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM (e.g. a preempted TPU VM) stop cleanly after the current step."""
+    import signal
+
+    from tr_align import sharding
+
+    calls = {"n": 0}
+    real_put = sharding.put_batch
+
+    def put_and_interrupt(batch, mesh):
+        if "rejected_loss_mask" in batch and "weight" not in batch:  # a train batch
+            calls["n"] += 1
+            if calls["n"] == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_put(batch, mesh)
+
+    monkeypatch.setattr(sharding, "put_batch", put_and_interrupt)
+    config = tiny_config(**{"checkpoint.every_steps": 100})
+    summary = loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:1])
+    assert summary["step"] == 3
+    assert checkpoint.manager(str(tmp_path), max_to_keep=5).all_steps() == [3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", __import__("tr_align.losses").losses.LOSS_TYPES)
+def test_every_loss_type_trains_in_the_sharded_step(tiny_config, tmp_path, loss_type):
+    config = tiny_config(
+        **{
+            "loss.type": loss_type,
+            "train.steps": 3,
+            "train.eval_every_steps": 3,
+            "checkpoint.every_steps": 3,
+        }
+    )
+    summary = loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:2])
+    assert summary["step"] == 3
+    assert np.isfinite(summary["train"]["loss"]) and np.isfinite(summary["eval"]["eval/loss"])
+    if loss_type == "sigmoid":  # first step: policy == reference
+        first = read_jsonl(tmp_path / "metrics.jsonl")[1]
+        np.testing.assert_allclose(first["loss"], np.log(2.0), rtol=1e-6)

@@ -223,6 +223,8 @@ def run(
     last_ckpt = start
     pending = None
 
+    postfix = {}  # progress-bar fields: last train metrics and the latest held-out accuracy
+
     def flush():
         nonlocal pending, last
         if pending is None:
@@ -233,12 +235,12 @@ def run(
         _check_finite(step, m, last_ckpt)
         last = {k: float(v) for k, v in m.items()}
         writer.write(step, last)
-        bar.set_postfix(
+        postfix.update(
             loss=f"{last['loss']:.4f}",
             acc=f"{last['rewards/accuracies']:.2f}",
-            refupd=int(last["ref/updates"]),
-            refresh=False,
+            ref_updates=int(last["ref/updates"]),
         )
+        bar.set_postfix(postfix, refresh=False)
 
     eval_metrics = {}
     end = total if stop_at_step is None else min(total, stop_at_step)
@@ -265,6 +267,8 @@ def run(
                     flush()
                     eval_metrics, _ = evaluate(state, init_logps=init_logps)
                     writer.write(step, eval_metrics)
+                    postfix["heldout_acc"] = f"{eval_metrics['eval/init_rewards/accuracies']:.3f}"
+                    bar.set_postfix(postfix, refresh=False)
                 if step % config.checkpoint.every_steps == 0 or final:
                     flush()
                     _check_finite(step, jax.device_get(m), last_ckpt)
