@@ -4,6 +4,10 @@ Commands:
   train   Train or resume a run:
           tr-align train --config=configs/default.py[:PRESET] --workdir=DIR [--config.KEY=VALUE ...]
           Rerunning with the same --workdir resumes from its newest checkpoint.
+  bench   Time and memory of the compiled train step, frozen vs. trust-region reference:
+          tr-align bench --config=configs/default.py --out=bench/default.json [--config.KEY=VALUE ...]
+
+Run ``tr-align COMMAND --help`` for a command's flags.
 """
 
 from __future__ import annotations
@@ -17,8 +21,7 @@ _REPO_DEFAULT_CONFIG = os.path.join(
 )
 
 
-def _train(argv) -> None:
-    from absl import app, flags
+def _define_config_flag():
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file(
@@ -28,6 +31,33 @@ def _train(argv) -> None:
         "to pick a trust-region preset, override keys with --config.KEY=VALUE.",
         lock_config=True,
     )
+
+
+def _run_app(argv, command, body) -> None:
+    """Runs ``body()`` under absl with quiet logging and one-line errors for bad configs."""
+    from absl import app, logging
+
+    def main(_):
+        if not any(a.startswith(("--verbosity", "-v")) for a in argv):
+            logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        from tr_align.config import ConfigError
+
+        try:
+            body()
+        except ConfigError as e:
+            print(f"tr-align: config error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except FloatingPointError as e:
+            print(f"tr-align: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    app.run(main, argv=[f"{argv[0]} {command}"] + list(argv[2:]))
+
+
+def _train(argv) -> None:
+    from absl import flags
+
+    _define_config_flag()
     flags.DEFINE_string(
         "workdir", None, "Run directory (resumed if it has checkpoints).", required=True
     )
@@ -36,27 +66,43 @@ def _train(argv) -> None:
     )
     FLAGS = flags.FLAGS
 
-    def main(_):
-        from absl import logging
-
-        if not any(a.startswith(("--verbosity", "-v")) for a in argv):
-            logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    def body():
         from tr_align import loop
+
+        loop.run(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step)
+
+    _run_app(argv, "train", body)
+
+
+def _bench(argv) -> None:
+    from absl import flags
+
+    _define_config_flag()
+    flags.DEFINE_string("out", "bench/results.json", "JSON results; a .md table is written beside.")
+    flags.DEFINE_integer("steps", 30, "Timed steps per mode (median reported).")
+    flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+    flags.DEFINE_list("modes", ["vanilla", "tr-soft", "tr-hard"], "Reference modes to compare.")
+    FLAGS = flags.FLAGS
+
+    def body():
+        from tr_align import bench, trust_region
         from tr_align.config import ConfigError
 
-        try:
-            loop.run(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step)
-        except ConfigError as e:
-            print(f"tr-align: config error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except FloatingPointError as e:
-            print(f"tr-align: {e}", file=sys.stderr)
-            sys.exit(1)
+        unknown = sorted(set(FLAGS.modes) - set(trust_region.PRESETS))
+        if unknown:
+            raise ConfigError(
+                f"--modes={','.join(unknown)}: expected {sorted(trust_region.PRESETS)}"
+            )
+        _, table = bench.run(
+            FLAGS.config, FLAGS.out, steps=FLAGS.steps, warmup=FLAGS.warmup, modes=FLAGS.modes
+        )
+        print(table)
+        print(f"tr-align: wrote {FLAGS.out} and {FLAGS.out}.md")
 
-    app.run(main, argv=[f"{argv[0]} train"] + list(argv[2:]))
+    _run_app(argv, "bench", body)
 
 
-COMMANDS = {"train": _train}
+COMMANDS = {"train": _train, "bench": _bench}
 
 
 def main(argv=None) -> int:

@@ -68,26 +68,27 @@ def _check_finite(step, metrics, last_ckpt):
 
 
 def _run_eval(p_eval, state, eval_arrays, init_logps, mesh, batch_size):
-    """Weighted means of the eval metrics over the whole held-out set, plus policy log-probs."""
+    """Weighted means of the eval metrics over the whole held-out set, plus policy log-probs.
+
+    ``init_logps`` = (chosen, rejected) log-probs of the initial policy on the eval set.
+    """
+    arrays = {
+        **eval_arrays,
+        "init_chosen_logps": init_logps[0],
+        "init_rejected_logps": init_logps[1],
+    }
     pi, pc = jax.process_index(), jax.process_count()
     local = batch_size // pc
     totals, weight_sum, logps = {}, 0.0, ([], [])
-    for start, batch in zip(
-        range(0, 10**12, batch_size), loader.eval_batches(eval_arrays, batch_size)
-    ):
-        n = len(batch["weight"])
-        ref = tuple(np.resize(a[start : start + n], n) for a in init_logps)  # pad like the batch
+    for batch in loader.eval_batches(arrays, batch_size):
         host = {k: v[pi * local : (pi + 1) * local] for k, v in batch.items()}
-        host_ref = tuple(r[pi * local : (pi + 1) * local] for r in ref)
-        dev = sharding.put_batch(host, mesh)
-        dev_ref = tuple(sharding.put_batch({"x": r}, mesh)["x"] for r in host_ref)
-        metrics, (pol_c, pol_r) = p_eval(state, dev, dev_ref)
+        metrics, pol_logps = p_eval(state, sharding.put_batch(host, mesh))
         w = float(batch["weight"].sum())
         for k, v in jax.device_get(metrics).items():
             totals[k] = totals.get(k, 0.0) + float(v) * w
         weight_sum += w
         real = batch["weight"] > 0
-        for out, arr in zip(logps, (pol_c, pol_r)):
+        for out, arr in zip(logps, pol_logps):
             out.append(np.asarray(multihost_utils.process_allgather(arr, tiled=True))[real])
     means = {k: v / weight_sum for k, v in totals.items()}
     return means, tuple(np.concatenate(x).astype(np.float32) for x in logps)
@@ -209,9 +210,9 @@ def run(
     extras = {"init_chosen": init_logps[0].tolist(), "init_rejected": init_logps[1].tolist()}
 
     tr = config.trust_region
+    mode = f"TR alpha={tr.alpha} tau={tr.tau}" if tr.enabled else "frozen reference"
     if is_main:
         n = count_params(built.abstract_state.params)
-        mode = f"TR alpha={tr.alpha} tau={tr.tau}" if tr.enabled else "frozen reference"
         print(
             f"tr-align: {config.loss.type} loss, {mode}; {n:,} params; mesh "
             f"{dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} device(s); "

@@ -144,14 +144,14 @@ def train_step(state: TrainState, batch, *, apply_fn, tx, schedule, loss_cfg, tr
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, init_logps, *, apply_fn, loss_cfg):
+def eval_step(state: TrainState, batch, *, apply_fn, loss_cfg):
     """Held-out metrics for one batch (rows weighted by ``batch['weight']``).
 
-    Returns weighted sums of the TRL-style metrics against the *current*
-    reference (``eval/rewards/...``) and of the implicit-reward accuracy against
-    the *initial* policy (``eval/init_rewards/accuracies``; ``init_logps`` holds
-    the starting policy's (chosen, rejected) log-probs of these rows), plus the
-    policy log-probs themselves so the caller can record ``init_logps`` at step 0.
+    Returns weighted means of the TRL-style metrics against the *current*
+    reference (``eval/rewards/...``) and of the implicit reward against the
+    *initial* policy (``eval/init_rewards/...``; the batch carries the starting
+    policy's log-probs of its rows as ``init_{chosen,rejected}_logps``), plus
+    the policy log-probs themselves so the caller can record them at step 0.
     """
     average = losses.uses_average_logps(loss_cfg.type)
     weight = batch["weight"]
@@ -162,7 +162,7 @@ def eval_step(state: TrainState, batch, init_logps, *, apply_fn, loss_cfg):
     )
     if per_example.shape[0] != weight.shape[0]:  # kto_pair: [chosen part; rejected part]
         per_example = per_example.reshape(2, -1).mean(0)
-    init_c, init_r = init_logps
+    init_c, init_r = batch["init_chosen_logps"], batch["init_rejected_logps"]
     init_margin = (pol_c - init_c) - (pol_r - init_r)
     metrics = {
         "eval/loss": jnp.sum(per_example * weight) / jnp.sum(weight),
@@ -194,6 +194,6 @@ def compile_eval_step(mesh, state_shardings, *, apply_fn, loss_cfg):
     batch_sh = sharding.batch_sharding(mesh)
     return jax.jit(
         fn,
-        in_shardings=(state_shardings, batch_sh, batch_sh),
+        in_shardings=(state_shardings, batch_sh),
         out_shardings=(sharding.replicated(mesh), batch_sh),
     )
