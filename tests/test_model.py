@@ -382,43 +382,21 @@ def test_param_tree_and_count(tie, qkv_bias):
 
 
 def test_config_defaults_and_validation():
-    cfg = LlamaConfig(
+    base = dict(
         vocab_size=10,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=4,
     )
+    cfg = LlamaConfig(**base)
     assert cfg.num_key_value_heads == 4 and cfg.head_dim == 8
     with pytest.raises(ValueError, match="hidden_size.*num_attention_heads"):
-        LlamaConfig(
-            vocab_size=10,
-            hidden_size=30,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-        )
+        LlamaConfig(**{**base, "hidden_size": 30})
     # Explicit head_dim lifts the divisibility requirement.
-    assert (
-        LlamaConfig(
-            vocab_size=10,
-            hidden_size=30,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            head_dim=8,
-        ).head_dim
-        == 8
-    )
+    assert LlamaConfig(**{**base, "hidden_size": 30, "head_dim": 8}).head_dim == 8
     with pytest.raises(ValueError, match="num_attention_heads.*num_key_value_heads"):
-        LlamaConfig(
-            vocab_size=10,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=3,
-        )
+        LlamaConfig(**{**base, "num_key_value_heads": 3})
     with pytest.raises(ValueError, match="dtype"):
         llama_config(dtype="float16")
 
