@@ -85,10 +85,15 @@ def _loss_kwargs(loss_cfg):
     )
 
 
+def _mean(x, weight=None):
+    """Mean over rows, or the ``weight``-weighted mean (eval batches pad with weight 0)."""
+    return jnp.mean(x) if weight is None else jnp.sum(x * weight) / jnp.sum(weight)
+
+
 def _reward_metrics(prefix, chosen_rewards, rejected_rewards, weight=None):
     acc = (chosen_rewards > rejected_rewards).astype(jnp.float32)
     margin = chosen_rewards - rejected_rewards
-    mean = jnp.mean if weight is None else (lambda x: jnp.sum(x * weight) / jnp.sum(weight))
+    mean = functools.partial(_mean, weight=weight)
     return {
         f"{prefix}rewards/chosen": mean(chosen_rewards),
         f"{prefix}rewards/rejected": mean(rejected_rewards),
@@ -165,12 +170,10 @@ def eval_step(state: TrainState, batch, *, apply_fn, loss_cfg):
     init_c, init_r = batch["init_chosen_logps"], batch["init_rejected_logps"]
     init_margin = (pol_c - init_c) - (pol_r - init_r)
     metrics = {
-        "eval/loss": jnp.sum(per_example * weight) / jnp.sum(weight),
+        "eval/loss": _mean(per_example, weight),
         **_reward_metrics("eval/", c_rew, r_rew, weight),
-        "eval/init_rewards/accuracies": jnp.sum((init_margin > 0) * weight) / jnp.sum(weight),
-        "eval/init_rewards/margins": float(loss_cfg.beta)
-        * jnp.sum(init_margin * weight)
-        / jnp.sum(weight),
+        "eval/init_rewards/accuracies": _mean(init_margin > 0, weight),
+        "eval/init_rewards/margins": float(loss_cfg.beta) * _mean(init_margin, weight),
     }
     return metrics, (pol_c, pol_r)
 
