@@ -404,5 +404,5 @@ def test_config_defaults_and_validation():
 def test_config_from_dict():
     d = dataclasses.asdict(llama_config())
     assert LlamaConfig.from_dict(d) == llama_config()
-    with pytest.raises(ValueError, match="model_type"):
-        LlamaConfig.from_dict({**d, "model_type": "llama"})
+    with pytest.raises(ValueError, match="torch_dtype"):
+        LlamaConfig.from_dict({**d, "torch_dtype": "float32"})

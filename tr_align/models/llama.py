@@ -45,6 +45,19 @@ import jax
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_LLAMA3_ROPE_KEYS = (
+    "rope_type",
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
+# Hugging Face model_type -> the architectures entry written on export.
+HF_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +83,11 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     dtype: str = "float32"
+    # Llama 3 frequency scaling: None or {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} (HF _compute_llama3_parameters).
+    rope_scaling: dict | None = None
+    sliding_window: int | None = None  # Mistral: attend to keys with q - k < sliding_window
+    model_type: str = "llama"  # Hugging Face architecture to export as: llama | mistral | qwen2
 
     def __post_init__(self):
         for name in (
@@ -112,6 +130,22 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if self.rope_scaling is not None:
+            missing = sorted(set(_LLAMA3_ROPE_KEYS) - set(self.rope_scaling))
+            if self.rope_scaling.get("rope_type") != "llama3" or missing:
+                raise ValueError(
+                    "LlamaConfig.rope_scaling must be None or a llama3 scaling dict with "
+                    f"{_LLAMA3_ROPE_KEYS}, got {self.rope_scaling!r}"
+                )
+        if self.sliding_window is not None and not self.sliding_window > 0:
+            raise ValueError(
+                f"LlamaConfig.sliding_window must be None or > 0, got {self.sliding_window!r}"
+            )
+        if self.model_type not in HF_MODEL_TYPES:
+            raise ValueError(
+                f"LlamaConfig.model_type must be one of {sorted(HF_MODEL_TYPES)}, "
+                f"got {self.model_type!r}"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
@@ -130,15 +164,38 @@ class LlamaConfig:
 # Pure functions.
 
 
+def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None) -> jax.Array:
+    """Rotary inverse frequencies [E/2]: theta ** (-2j / E), optionally Llama-3 scaled.
+
+    Llama 3 scaling (HF ``_compute_llama3_parameters``): with wavelength
+    w = 2 pi / inv_freq, L = original_max_position_embeddings, frequencies with
+    w > L / low_freq_factor are divided by ``factor``, those with
+    w < L / high_freq_factor are kept, and in between they are blended with
+    s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor):
+    (1 - s) * f / factor + s * f.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if rope_scaling is None:
+        return inv_freq
+    factor = rope_scaling["factor"]
+    low, high = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+    old_len = rope_scaling["original_max_position_embeddings"]
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, blended, scaled)
+
+
 def rope_cos_sin(
-    positions_T: jax.Array, head_dim: int, theta: float
+    positions_T: jax.Array, head_dim: int, theta: float, rope_scaling: dict | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """HF rotary tables. positions [T] int -> (cos, sin) each [T, E], float32.
 
-    inv_freq[j] = theta ** (-2j / E), j < E/2; freqs = pos * inv_freq;
-    cos/sin of concat(freqs, freqs).
+    freqs = pos * rope_inv_freq(...); cos/sin of concat(freqs, freqs).
     """
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, rope_scaling)
     freqs_TE2 = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
     emb_TE = jnp.concatenate([freqs_TE2, freqs_TE2], axis=-1)
     return jnp.cos(emb_TE), jnp.sin(emb_TE)
@@ -277,8 +334,11 @@ class Llama(nn.Module):
         x_BTD = embed(input_ids_BT.astype(jnp.int32))
 
         causal_TT = jnp.tril(jnp.ones((t, t), jnp.bool_))
+        if cfg.sliding_window is not None:
+            pos_T = jnp.arange(t)
+            causal_TT &= (pos_T[:, None] - pos_T[None, :]) < cfg.sliding_window
         mask_BTT = causal_TT[None] & attention_mask_BT.astype(jnp.bool_)[:, None, :]
-        cos_TE, sin_TE = rope_cos_sin(jnp.arange(t), cfg.head_dim, cfg.rope_theta)
+        cos_TE, sin_TE = rope_cos_sin(jnp.arange(t), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
         for i in range(cfg.num_hidden_layers):
             x_BTD = Block(cfg, name=f"layers_{i}")(x_BTD, mask_BTT, cos_TE, sin_TE)
@@ -332,3 +392,150 @@ def _to_dict(tree: Any) -> Any:
 def count_params(params: Any) -> int:
     """Total number of scalar parameters in a pytree."""
     return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face conversion (used by tr_align.hf; tensors are numpy, torch layout).
+
+# Buffers some checkpoints carry that are not parameters.
+IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _rope_from_hf(d: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either the hub spelling (top-level ``rope_theta``,
+    ``rope_scaling``) or the transformers-5 ``rope_parameters`` block."""
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or params
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ValueError(f"config.json rope_type={rope_type!r} is not supported (default, llama3)")
+    return float(theta), {k: scaling[k] for k in _LLAMA3_ROPE_KEYS if k != "rope_type"} | {
+        "rope_type": "llama3"
+    }
+
+
+def config_from_hf(d: dict) -> LlamaConfig:
+    """LlamaConfig from a parsed Hugging Face config.json (llama, mistral or qwen2)."""
+    model_type = d.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"config.json model_type={model_type!r} is not a Llama-family model")
+    for key, ok in (
+        ("hidden_act", d.get("hidden_act", "silu") == "silu"),
+        ("mlp_bias", not d.get("mlp_bias", False)),
+        ("attention_bias", not (model_type != "qwen2" and d.get("attention_bias", False))),
+        ("use_sliding_window", not (model_type == "qwen2" and d.get("use_sliding_window"))),
+    ):
+        if not ok:
+            raise ValueError(f"config.json {key}={d.get(key)!r} is not supported")
+    theta, scaling = _rope_from_hf(d)
+    return LlamaConfig(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads"),
+        head_dim=d.get("head_dim"),
+        rope_theta=theta,
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=d.get("tie_word_embeddings", False),
+        qkv_bias=model_type == "qwen2",
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        initializer_range=d.get("initializer_range", 0.02),
+        rope_scaling=scaling,
+        sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
+        model_type=model_type,
+    )
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict:
+    """A config.json dict that transformers loads as the matching *ForCausalLM."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    d = {
+        "architectures": [HF_MODEL_TYPES[cfg.model_type]],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "initializer_range": cfg.initializer_range,
+        "rope_parameters": rope,
+        "dtype": cfg.dtype,
+    }
+    if cfg.model_type == "mistral":
+        d["sliding_window"] = cfg.sliding_window
+    if cfg.model_type == "llama":
+        d.update(attention_bias=False, mlp_bias=False)
+    return d
+
+
+def _hf_layout(cfg: LlamaConfig):
+    """Yields (hf_name, our_path, transpose) for every tensor of the checkpoint."""
+    yield "model.embed_tokens.weight", ("embed_tokens", "embedding"), False
+    for i in range(cfg.num_hidden_layers):
+        hf, ours = f"model.layers.{i}", f"layers_{i}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            yield f"{hf}.{norm}.weight", (ours, norm, "scale"), False
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            yield f"{hf}.self_attn.{proj}.weight", (ours, "self_attn", proj, "kernel"), True
+            if cfg.qkv_bias and proj != "o_proj":
+                yield f"{hf}.self_attn.{proj}.bias", (ours, "self_attn", proj, "bias"), False
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            yield f"{hf}.mlp.{proj}.weight", (ours, "mlp", proj, "kernel"), True
+    yield "model.norm.weight", ("norm", "scale"), False
+    if not cfg.tie_word_embeddings:
+        yield "lm_head.weight", ("lm_head", "kernel"), True
+
+
+def _expected_shapes(cfg: LlamaConfig) -> dict:
+    """Our parameter shapes, from the model's own init (traced, no compute)."""
+    init_fn, _ = make_model(cfg)
+    return jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+
+
+def hf_tensor_names(cfg: LlamaConfig) -> list[str]:
+    return [name for name, _, _ in _hf_layout(cfg)]
+
+
+def params_from_hf(get: Callable[[str], Any], cfg: LlamaConfig) -> dict:
+    """Our params from HF tensors; ``get(name)`` returns a (numpy) tensor by its HF name.
+
+    Raises ValueError naming the tensor when its shape does not match ``cfg``.
+    """
+    shapes = _expected_shapes(cfg)
+    params: dict = {}
+    for name, path, transpose in _hf_layout(cfg):
+        x = get(name)
+        x = x.T if transpose else x
+        want = functools.reduce(lambda t, k: t[k], path, shapes).shape
+        if tuple(x.shape) != tuple(want):
+            raise ValueError(
+                f"tensor {name}: expected shape {tuple(want[::-1] if transpose else want)} "
+                f"for this config, got {tuple(x.shape[::-1] if transpose else x.shape)}"
+            )
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = x
+    return params
+
+
+def params_to_hf(params: dict, cfg: LlamaConfig) -> dict:
+    """HF-named tensors (torch layout) from our params."""
+    out = {}
+    for name, path, transpose in _hf_layout(cfg):
+        x = functools.reduce(lambda t, k: t[k], path, params)
+        out[name] = x.T if transpose else x
+    return out

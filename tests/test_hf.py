@@ -1,0 +1,210 @@
+"""Hugging Face checkpoints in and out, against logits computed by transformers itself.
+
+The fixtures (tests/fixtures/hf/, made by tests/fixtures/make_hf_fixtures.py) are tiny
+random models saved by transformers' save_pretrained, with transformers' float32 logits
+on a right-padded batch, so these tests need neither torch nor transformers.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import REPO
+from tr_align import hf
+
+FIXTURES = REPO / "tests" / "fixtures" / "hf"
+LLAMA_FAMILY = [
+    "llama_gqa",
+    "llama3_rope_scaling",
+    "smollm2_tied",
+    "mistral",
+    "mistral_sliding",
+    "qwen2",
+]
+
+
+def _reference(name):
+    ref = np.load(FIXTURES / name / "reference.npz")
+    return (
+        ref["input_ids"],
+        ref["attention_mask"],
+        ref["logits"],
+        ref["attention_mask"].astype(bool),
+    )
+
+
+def _max_err(apply_fn, params, name):
+    ids, mask, want, real = _reference(name)
+    got = np.asarray(apply_fn(params, ids, mask), np.float32)
+    return float(np.abs(got - want)[real].max())
+
+
+@pytest.mark.parametrize("name", LLAMA_FAMILY)
+def test_logits_match_transformers(name):
+    apply_fn, params, config = hf.load_pretrained(str(FIXTURES / name))
+    assert _max_err(apply_fn, params, name) < 1e-4
+    assert _max_err(jax.jit(apply_fn), params, name) < 1e-4
+    assert (
+        config.model_type == json.loads((FIXTURES / name / "config.json").read_text())["model_type"]
+    )
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2"])
+def test_bfloat16_logits_close_to_transformers(name):
+    apply_fn, params, config = hf.load_pretrained(str(FIXTURES / name), dtype="bfloat16")
+    assert config.dtype == "bfloat16"
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(params))
+    ids, mask, want, real = _reference(name)
+    err = _max_err(jax.jit(apply_fn), params, name)
+    assert err < 0.05 * float(np.abs(want[real]).max()), err
+
+
+def test_rope_scaling_and_sliding_window_are_exercised():
+    """Dropping Llama-3 rope scaling or Mistral's window must break parity (the fixtures test them)."""
+    import dataclasses
+
+    from tr_align.models import llama
+
+    for name, field in (
+        ("llama3_rope_scaling", "rope_scaling"),
+        ("mistral_sliding", "sliding_window"),
+    ):
+        _, params, config = hf.load_pretrained(str(FIXTURES / name))
+        _, apply_fn = llama.make_model(dataclasses.replace(config, **{field: None}))
+        assert _max_err(apply_fn, params, name) > 1e-2
+
+
+def test_hub_config_spelling(tmp_path):
+    """Hub checkpoints carry top-level rope_theta / rope_scaling instead of rope_parameters."""
+    src = FIXTURES / "llama3_rope_scaling"
+    shutil.copytree(src, tmp_path / "m")
+    cfg = json.loads((src / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    apply_fn, params, _ = hf.load_pretrained(str(tmp_path / "m"))
+    assert _max_err(apply_fn, params, "llama3_rope_scaling") < 1e-4
+
+
+@pytest.mark.parametrize("name", LLAMA_FAMILY)
+@pytest.mark.parametrize("max_shard_bytes", [5 * 2**30, 20_000])
+def test_save_reproduces_the_transformers_checkpoint(tmp_path, name, max_shard_bytes):
+    _, params, config = hf.load_pretrained(str(FIXTURES / name))
+    hf.save_pretrained(params, config, str(tmp_path), max_shard_bytes=max_shard_bytes)
+    original = load_file(FIXTURES / name / "model.safetensors")
+    if max_shard_bytes < 10**6:
+        index = json.loads((tmp_path / hf.INDEX_FILE).read_text())
+        files = sorted(set(index["weight_map"].values()))
+        assert len(files) > 1 and not (tmp_path / hf.SINGLE_FILE).exists()
+        saved = {k: v for f in files for k, v in load_file(tmp_path / f).items()}
+        assert index["metadata"]["total_size"] == sum(v.nbytes for v in saved.values())
+    else:
+        saved = load_file(tmp_path / hf.SINGLE_FILE)
+    assert sorted(saved) == sorted(original)  # same names, nothing extra (tied: no lm_head)
+    for k in original:
+        np.testing.assert_array_equal(saved[k], original[k], err_msg=k)
+    # Our config.json describes the same model as transformers' own.
+    ours = json.loads((tmp_path / "config.json").read_text())
+    theirs = json.loads((FIXTURES / name / "config.json").read_text())
+    for key in (
+        "model_type",
+        "architectures",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "rope_parameters",
+    ):
+        if key in theirs:
+            assert ours[key] == theirs[key], key
+    apply_fn, reloaded, _ = hf.load_pretrained(str(tmp_path))
+    assert _max_err(apply_fn, reloaded, name) < 1e-4
+
+
+def test_bfloat16_save_keeps_dtype(tmp_path):
+    _, params, config = hf.load_pretrained(str(FIXTURES / "qwen2"), dtype="bfloat16")
+    hf.save_pretrained(params, config, str(tmp_path))
+    assert {str(v.dtype) for v in load_file(tmp_path / hf.SINGLE_FILE).values()} == {"bfloat16"}
+
+
+def _copy_with_tensors(tmp_path, name, edit):
+    dst = tmp_path / "m"
+    shutil.copytree(FIXTURES / name, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = _copy_with_tensors(
+        tmp_path, "llama_gqa", lambda t: t.pop("model.layers.1.mlp.up_proj.weight")
+    )
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' is missing"):
+        hf.load_pretrained(path)
+
+
+def test_wrong_shape_is_named(tmp_path):
+    def edit(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = np.zeros((4, 32), np.float32)
+
+    path = _copy_with_tensors(tmp_path, "llama_gqa", edit)
+    with pytest.raises(
+        ValueError,
+        match=r"model.layers.0.self_attn.k_proj.weight: expected shape \(16, 32\).*got \(4, 32\)",
+    ):
+        hf.load_pretrained(path)
+
+
+def test_unexpected_tensor_is_named_and_known_buffers_are_ignored(tmp_path):
+    def edit(t):
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros(4, np.float32)  # old buffer
+        t["model.layers.9.mlp.up_proj.weight"] = np.zeros((2, 2), np.float32)
+
+    path = _copy_with_tensors(tmp_path, "llama_gqa", edit)
+    with pytest.raises(
+        ValueError, match=r"unexpected tensors.*\['model.layers.9.mlp.up_proj.weight'\]"
+    ):
+        hf.load_pretrained(path)
+
+
+def test_unsupported_architecture_and_missing_files(tmp_path):
+    shutil.copytree(FIXTURES / "llama_gqa", tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma3"}))
+    with pytest.raises(
+        ValueError, match=r"model_type='gemma3' is not supported; supported: .*llama.*qwen2"
+    ):
+        hf.load_pretrained(str(tmp_path / "m"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        hf.load_pretrained(str(tmp_path))
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    os.remove(tmp_path / "m" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
+        hf.load_pretrained(str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="dtype='float16'"):
+        hf.load_pretrained(str(FIXTURES / "llama_gqa"), dtype="float16")
+
+
+def test_unsupported_settings_are_rejected(tmp_path):
+    shutil.copytree(FIXTURES / "llama_gqa", tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    for key, value in (("hidden_act", "gelu"), ("attention_bias", True), ("mlp_bias", True)):
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ValueError, match=key):
+            hf.load_pretrained(str(tmp_path / "m"))
+    bad_rope = {**cfg, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(bad_rope))
+    with pytest.raises(ValueError, match="rope_type='yarn'"):
+        hf.load_pretrained(str(tmp_path / "m"))
