@@ -191,12 +191,12 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None)
 def rope_cos_sin(
     positions_T: jax.Array, head_dim: int, theta: float, rope_scaling: dict | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """HF rotary tables. positions [T] int -> (cos, sin) each [T, E], float32.
+    """HF rotary tables. positions [T] (or [B, T]) int -> (cos, sin) each [T, E] ([B, T, E]).
 
     freqs = pos * rope_inv_freq(...); cos/sin of concat(freqs, freqs).
     """
     inv_freq = rope_inv_freq(head_dim, theta, rope_scaling)
-    freqs_TE2 = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    freqs_TE2 = positions_T.astype(jnp.float32)[..., None] * inv_freq
     emb_TE = jnp.concatenate([freqs_TE2, freqs_TE2], axis=-1)
     return jnp.cos(emb_TE), jnp.sin(emb_TE)
 
@@ -206,8 +206,10 @@ def apply_rope(x_BTNE: jax.Array, cos_TE: jax.Array, sin_TE: jax.Array) -> jax.A
     half = x_BTNE.shape[-1] // 2
     x1, x2 = x_BTNE[..., :half], x_BTNE[..., half:]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos = cos_TE[None, :, None, :].astype(x_BTNE.dtype)
-    sin = sin_TE[None, :, None, :].astype(x_BTNE.dtype)
+    # Tables are [T, E] (shared positions) or [B, T, E] (per-row positions, e.g. decoding).
+    expand = (lambda c: c[None, :, None, :]) if cos_TE.ndim == 2 else (lambda c: c[:, :, None, :])
+    cos = expand(cos_TE).astype(x_BTNE.dtype)
+    sin = expand(sin_TE).astype(x_BTNE.dtype)
     return x_BTNE * cos + rotated * sin
 
 
@@ -267,12 +269,17 @@ def _dense(cfg: LlamaConfig, features: int, name: str, use_bias: bool = False, *
 
 
 class Attention(nn.Module):
-    """GQA self-attention with RoPE. x [B,T,D], mask [B,T,T], cos/sin [T,E] -> [B,T,D]."""
+    """GQA self-attention with RoPE. x [B,T,D], mask [B,T,S], cos/sin [T,E] or [B,T,E] -> [B,T,D].
+
+    Without ``cache`` the keys are this chunk's (S = T). With ``cache`` = {"k", "v"}
+    of [B, S, KV, E], this chunk's keys/values are written at slot ``cache_index``
+    and the queries attend over all S slots; returns (out, new_cache).
+    """
 
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BTD, mask_BTT, cos_TE, sin_TE):
+    def __call__(self, x_BTD, mask_BTS, cos_TE, sin_TE, cache=None, cache_index=None):
         cfg = self.cfg
         b, t, _ = x_BTD.shape
         h, k, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -281,8 +288,16 @@ class Attention(nn.Module):
         v = _dense(cfg, k * e, "v_proj", cfg.qkv_bias)(x_BTD).reshape(b, t, k, e)
         q = apply_rope(q, cos_TE, sin_TE)
         kk = apply_rope(kk, cos_TE, sin_TE)
-        out_BTHE = attention(q, kk, v, mask_BTT)
-        return _dense(cfg, cfg.hidden_size, "o_proj")(out_BTHE.reshape(b, t, h * e))
+        if cache is not None:
+            at = (0, cache_index, 0, 0)
+            cache = {
+                "k": jax.lax.dynamic_update_slice(cache["k"], kk.astype(cache["k"].dtype), at),
+                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
+            }
+            kk, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+        out_BTHE = attention(q, kk, v, mask_BTS)
+        out = _dense(cfg, cfg.hidden_size, "o_proj")(out_BTHE.reshape(b, t, h * e))
+        return out if cache is None else (out, cache)
 
 
 class Mlp(nn.Module):
@@ -304,25 +319,42 @@ class Block(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BTD, mask_BTT, cos_TE, sin_TE):
+    def __call__(self, x_BTD, mask_BTS, cos_TE, sin_TE, cache=None, cache_index=None):
         cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
         y = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x_BTD)
-        x_BTD = x_BTD + Attention(cfg, name="self_attn")(y, mask_BTT, cos_TE, sin_TE)
+        attn = Attention(cfg, name="self_attn")(y, mask_BTS, cos_TE, sin_TE, cache, cache_index)
+        if cache is not None:
+            attn, cache = attn
+        x_BTD = x_BTD + attn
         y = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x_BTD)
-        return x_BTD + Mlp(cfg, name="mlp")(y)
+        x_BTD = x_BTD + Mlp(cfg, name="mlp")(y)
+        return x_BTD if cache is None else (x_BTD, cache)
 
 
 class Llama(nn.Module):
-    """input_ids [B,T] int, attention_mask [B,T] 0/1 (right-padded) -> logits [B,T,V] f32."""
+    """input_ids [B,T] int, attention_mask [B,T] 0/1 (right-padded) -> logits [B,T,V] f32.
+
+    Decoding mode (``cache`` given, see ``init_cache``): the chunk's tokens sit at cache
+    slots ``cache_index .. cache_index + T - 1``; ``positions_BT`` are their rotary
+    positions and ``kv_mask_BS`` marks the valid (non-padding) slots. A query attends
+    to valid slots at or before its own. Returns (logits, new_cache).
+    """
 
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids_BT, attention_mask_BT=None):
+    def __call__(
+        self,
+        input_ids_BT,
+        attention_mask_BT=None,
+        *,
+        cache=None,
+        cache_index=None,
+        positions_BT=None,
+        kv_mask_BS=None,
+    ):
         cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
         b, t = input_ids_BT.shape
-        if attention_mask_BT is None:
-            attention_mask_BT = jnp.ones((b, t), jnp.int32)
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -333,27 +365,45 @@ class Llama(nn.Module):
         )
         x_BTD = embed(input_ids_BT.astype(jnp.int32))
 
-        causal_TT = jnp.tril(jnp.ones((t, t), jnp.bool_))
+        if cache is None:
+            if attention_mask_BT is None:
+                attention_mask_BT = jnp.ones((b, t), jnp.int32)
+            q_slots_T, kv_valid_BS, positions = jnp.arange(t), attention_mask_BT, jnp.arange(t)
+        else:
+            q_slots_T, kv_valid_BS, positions = (
+                cache_index + jnp.arange(t),
+                kv_mask_BS,
+                positions_BT,
+            )
+        kv_slots_S = jnp.arange(kv_valid_BS.shape[1])
+        allowed_TS = kv_slots_S[None, :] <= q_slots_T[:, None]
         if cfg.sliding_window is not None:
-            pos_T = jnp.arange(t)
-            causal_TT &= (pos_T[:, None] - pos_T[None, :]) < cfg.sliding_window
-        mask_BTT = causal_TT[None] & attention_mask_BT.astype(jnp.bool_)[:, None, :]
-        cos_TE, sin_TE = rope_cos_sin(jnp.arange(t), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            allowed_TS &= (q_slots_T[:, None] - kv_slots_S[None, :]) < cfg.sliding_window
+        mask_BTS = allowed_TS[None] & kv_valid_BS.astype(jnp.bool_)[:, None, :]
+        cos_TE, sin_TE = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
+        new_cache = []
         for i in range(cfg.num_hidden_layers):
-            x_BTD = Block(cfg, name=f"layers_{i}")(x_BTD, mask_BTT, cos_TE, sin_TE)
+            block = Block(cfg, name=f"layers_{i}")
+            if cache is None:
+                x_BTD = block(x_BTD, mask_BTS, cos_TE, sin_TE)
+            else:
+                x_BTD, layer_cache = block(x_BTD, mask_BTS, cos_TE, sin_TE, cache[i], cache_index)
+                new_cache.append(layer_cache)
         x_BTD = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x_BTD)
 
         if cfg.tie_word_embeddings:
-            return jnp.einsum(
+            logits = jnp.einsum(
                 "btd,vd->btv",
                 x_BTD,
                 embed.embedding.astype(dtype),
                 preferred_element_type=jnp.float32,
             )
-        f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-        logits = _dense(cfg, cfg.vocab_size, "lm_head", dot_general=f32_dot)(x_BTD)
-        return logits.astype(jnp.float32)
+        else:
+            f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+            logits = _dense(cfg, cfg.vocab_size, "lm_head", dot_general=f32_dot)(x_BTD)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
 
 
 # ----------------------------------------------------------------------------
@@ -380,6 +430,34 @@ def make_model(config: LlamaConfig) -> tuple[Callable, Callable]:
         return module.apply({"params": params}, input_ids, attention_mask)
 
     return init_fn, apply_fn
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype=None) -> list[dict]:
+    """Zeroed KV cache: per layer {"k", "v"} of [batch, length, num_key_value_heads, head_dim]."""
+    dtype = _DTYPES[config.dtype] if dtype is None else dtype
+    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    return [
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        for _ in range(config.num_hidden_layers)
+    ]
+
+
+def make_decode_fn(config: LlamaConfig) -> Callable:
+    """decode_fn(params, input_ids [B,T], positions [B,T], cache, cache_index, kv_mask [B,S])
+    -> (logits [B,T,V] float32, new_cache). See ``Llama`` for the slot semantics."""
+    module = Llama(config)
+
+    def decode_fn(params, input_ids, positions, cache, cache_index, kv_mask):
+        return module.apply(
+            {"params": params},
+            input_ids,
+            cache=cache,
+            cache_index=cache_index,
+            positions_BT=positions,
+            kv_mask_BS=kv_mask,
+        )
+
+    return decode_fn
 
 
 def _to_dict(tree: Any) -> Any:
