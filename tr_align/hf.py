@@ -48,6 +48,21 @@ def _module_for_config(config):
     return importlib.import_module(type(config).__module__)
 
 
+def config_to_hf(config) -> dict:
+    """The Hugging Face config.json dict for a model config (any supported architecture)."""
+    return _module_for_config(config).config_to_hf(config)
+
+
+def config_from_hf(hf_config: dict, where: str = "config.json"):
+    """Our model config from a parsed Hugging Face config.json."""
+    return _module_for_type(hf_config.get("model_type"), where).config_from_hf(hf_config)
+
+
+def model_fns(config):
+    """(init_fn, apply_fn) for any supported model config (LlamaConfig, GPTNeoXConfig)."""
+    return _module_for_config(config).make_model(config)
+
+
 def read_config(path: str) -> dict:
     """The parsed ``config.json`` of a model directory."""
     file = os.path.join(path, "config.json")

@@ -26,12 +26,14 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from tr_align import checkpoint, optim, plotting, sharding
+from tr_align import checkpoint, hf, optim, plotting, pretrained, sharding
 from tr_align import config as config_lib
 from tr_align.data import loader, synthetic
 from tr_align.metrics import MetricWriter
-from tr_align.models import LlamaConfig, count_params, make_model
+from tr_align.models import count_params
 from tr_align.train import compile_eval_step, compile_train_step, init_state
+
+MODEL_CONFIG_FILE = "model_config.json"  # the policy's Hugging Face config.json, for export
 
 
 class _StopRequest:
@@ -99,6 +101,7 @@ class Built:
     """Everything a run needs, wired from a config (see ``build``)."""
 
     mesh: jax.sharding.Mesh
+    model_config: Any  # LlamaConfig / GPTNeoXConfig
     apply_fn: Callable
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -116,23 +119,24 @@ def build(config, devices=None) -> Built:
     devices = jax.devices() if devices is None else list(devices)
     config_lib.validate(config, len(devices))
     mesh = sharding.make_mesh(config.mesh, devices)
-    init_fn, apply_fn = make_model(LlamaConfig(**config.model))
+    model_config, init_fn, apply_fn, params = pretrained.load(config.model)
     train_arrays, eval_arrays = synthetic.train_and_eval(
-        config.data, vocab_size=config.model.vocab_size, seed=config.train.seed
+        config.data, vocab_size=model_config.vocab_size, seed=config.train.seed
     )
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps)
     rng = jax.random.PRNGKey(config.train.seed)
     make_state = functools.partial(init_state, init_fn=init_fn, tx=tx)
-    abstract = jax.eval_shape(make_state, rng)
+    abstract = jax.eval_shape(make_state, rng, params)
     shardings = sharding.state_shardings(mesh, abstract)
     return Built(
         mesh=mesh,
+        model_config=model_config,
         apply_fn=apply_fn,
         tx=tx,
         schedule=schedule,
         abstract_state=abstract,
         state_shardings=shardings,
-        init=lambda: jax.jit(make_state, out_shardings=shardings)(rng),
+        init=lambda: jax.jit(make_state, out_shardings=shardings)(rng, params),
         train_step=compile_train_step(
             mesh,
             shardings,
@@ -172,6 +176,8 @@ def run(
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json(indent=2))
+        with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(hf.config_to_hf(built.model_config), f, indent=2)
 
     total = config.train.steps
     data_it = loader.train_iterator(

@@ -45,10 +45,14 @@ class TrainState:
     rng: jax.Array  # uint32[2] PRNG key, split once per step
 
 
-def init_state(rng, init_fn: Callable, tx: optax.GradientTransformation) -> TrainState:
-    """A fresh state: the reference starts as an exact copy of the initial policy."""
+def init_state(rng, params, *, init_fn: Callable, tx: optax.GradientTransformation) -> TrainState:
+    """A fresh state: the reference starts as an exact copy of the initial policy.
+
+    The policy is ``params`` (e.g. a pretrained/SFT model) or, when None, ``init_fn(rng)``.
+    """
     params_rng, state_rng = jax.random.split(rng)
-    params = init_fn(params_rng)
+    if params is None:
+        params = init_fn(params_rng)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
