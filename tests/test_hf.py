@@ -26,6 +26,7 @@ LLAMA_FAMILY = [
     "mistral_sliding",
     "qwen2",
 ]
+ALL = [*LLAMA_FAMILY, "gpt_neox"]
 
 
 def _reference(name):
@@ -44,7 +45,7 @@ def _max_err(apply_fn, params, name):
     return float(np.abs(got - want)[real].max())
 
 
-@pytest.mark.parametrize("name", LLAMA_FAMILY)
+@pytest.mark.parametrize("name", ALL)
 def test_logits_match_transformers(name):
     apply_fn, params, config = hf.load_pretrained(str(FIXTURES / name))
     assert _max_err(apply_fn, params, name) < 1e-4
@@ -54,7 +55,7 @@ def test_logits_match_transformers(name):
     )
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2"])
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "gpt_neox"])
 def test_bfloat16_logits_close_to_transformers(name):
     apply_fn, params, config = hf.load_pretrained(str(FIXTURES / name), dtype="bfloat16")
     assert config.dtype == "bfloat16"
@@ -92,7 +93,7 @@ def test_hub_config_spelling(tmp_path):
     assert _max_err(apply_fn, params, "llama3_rope_scaling") < 1e-4
 
 
-@pytest.mark.parametrize("name", LLAMA_FAMILY)
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("max_shard_bytes", [5 * 2**30, 20_000])
 def test_save_reproduces_the_transformers_checkpoint(tmp_path, name, max_shard_bytes):
     _, params, config = hf.load_pretrained(str(FIXTURES / name))
@@ -132,8 +133,9 @@ def test_save_reproduces_the_transformers_checkpoint(tmp_path, name, max_shard_b
     assert _max_err(apply_fn, reloaded, name) < 1e-4
 
 
-def test_bfloat16_save_keeps_dtype(tmp_path):
-    _, params, config = hf.load_pretrained(str(FIXTURES / "qwen2"), dtype="bfloat16")
+@pytest.mark.parametrize("name", ["qwen2", "gpt_neox"])
+def test_bfloat16_save_keeps_dtype(tmp_path, name):
+    _, params, config = hf.load_pretrained(str(FIXTURES / name), dtype="bfloat16")
     hf.save_pretrained(params, config, str(tmp_path))
     assert {str(v.dtype) for v in load_file(tmp_path / hf.SINGLE_FILE).values()} == {"bfloat16"}
 

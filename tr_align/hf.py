@@ -29,6 +29,7 @@ ARCHITECTURES = {
     "llama": "tr_align.models.llama",
     "mistral": "tr_align.models.llama",
     "qwen2": "tr_align.models.llama",
+    "gpt_neox": "tr_align.models.gpt_neox",
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SINGLE_FILE = "model.safetensors"

@@ -1,0 +1,580 @@
+"""GPT-NeoX (Pythia) decoder in Flax linen, plus Hugging Face config / weight conversion.
+
+Semantics follow Hugging Face ``modeling_gpt_neox.py`` (transformers 5.23) so weights
+map one-to-one:
+
+  * LayerNorm with bias: ``(x - mean) * rsqrt(var + eps) * scale + bias``, in float32.
+  * Fused ``query_key_value`` projection laid out PER HEAD as ``[q | k | v]``: its
+    output is viewed as ``[H, 3*E]`` and split, not as three ``[D]`` blocks.
+  * Partial RoPE in the "rotate_half" form on the first ``int(E * rotary_pct)`` dims of
+    each head (``cos/sin = concat(freqs, freqs)``); the remaining dims pass through.
+    Positions ``arange(T)`` (inputs are RIGHT-padded). No rope scaling.
+  * Multi-head attention scaled by ``1/sqrt(E)``; causal + key-padding mask with
+    ``finfo(float32).min`` (never -inf), softmax in float32, no dropout.
+  * MLP ``dense_4h_to_h(act(dense_h_to_4h(x)))``; ``hidden_act="gelu"`` is the exact erf
+    form (HF ``ACT2FN``), the ``gelu_new``-style names are the tanh approximation.
+  * Residual: parallel ``x + attn(ln1(x)) + mlp(ln2(x))`` when ``use_parallel_residual``,
+    else sequential ``h = x + attn(ln1(x)); h + mlp(ln2(h))``.
+  * Final LayerNorm, ``embed_out`` (or the ``embed_in`` transpose when tied).
+
+Parameter tree (plain nested dict, float32; Dense kernels are ``[in, out]``, the
+transpose of torch's ``weight``)::
+
+  embed_in/embedding                                   [V, D]
+  layers_{i}/input_layernorm/{scale,bias}              [D]
+  layers_{i}/attention/query_key_value/kernel          [D, 3*D]  (HF per-head [q|k|v] columns)
+  layers_{i}/attention/query_key_value/bias            [3*D]     (absent if not attention_bias)
+  layers_{i}/attention/dense/kernel (+ bias)           [D, D]
+  layers_{i}/post_attention_layernorm/{scale,bias}     [D]
+  layers_{i}/mlp/dense_h_to_4h/{kernel,bias}           [D, F], [F]
+  layers_{i}/mlp/dense_4h_to_h/{kernel,bias}           [F, D], [D]
+  final_layer_norm/{scale,bias}                        [D]
+  embed_out/kernel                                     [D, V]  (absent when tied)
+
+Hugging Face conversion (``config_from_hf``, ``config_to_hf``, ``params_from_hf``,
+``hf_tensor_names``, ``params_to_hf``) maps this tree to the safetensors names of
+``GPTNeoXForCausalLM`` (``gpt_neox.layers.{i}.attention.query_key_value.weight``,
+``embed_out.weight``, ...).
+
+Shape suffixes: B batch, T query length, S key length, D hidden, V vocab,
+H heads, E head_dim, R rotary dims, F intermediate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Hugging Face ACT2FN names (transformers/activations.py) -> the same function in JAX.
+_ACTIVATIONS: dict[str, Callable] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # nn.functional.gelu (erf)
+    "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),  # tanh approximation
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_python_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+HF_MODEL_TYPE = "gpt_neox"
+HF_ARCHITECTURE = "GPTNeoXForCausalLM"
+# Non-parameter buffers that old GPT-NeoX checkpoints carry (causal-mask / rotary caches);
+# a loader should skip tensor names ending in any of these.
+IGNORED_HF_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
+# Keys a rope_parameters / rope_scaling block may hold when it describes plain RoPE.
+_ROPE_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTNeoXConfig:
+    """Model hyper-parameters; field names equal Hugging Face ``config.json`` keys.
+
+    ``rotary_pct`` / ``rotary_emb_base`` are the hub (Pythia) spelling; transformers 5
+    writes them as ``rope_parameters.partial_rotary_factor`` / ``rope_theta``
+    (``config_from_hf`` reads both). ``dtype`` is the compute dtype; params are float32.
+    """
+
+    model_type: ClassVar[str] = "gpt_neox"  # the Hugging Face architecture (not a field)
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    rotary_pct: float = 0.25
+    rotary_emb_base: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    use_parallel_residual: bool = True
+    hidden_act: str = "gelu"
+    tie_word_embeddings: bool = False
+    attention_bias: bool = True
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTNeoXConfig.{name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"GPTNeoXConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        for name in ("use_parallel_residual", "tie_word_embeddings", "attention_bias"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"GPTNeoXConfig.{name} must be a bool, got {value!r}")
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ValueError(f"GPTNeoXConfig.rotary_pct must be in [0, 1], got {self.rotary_pct!r}")
+        if 2 * -(-self.rotary_ndims // 2) > self.head_dim:
+            raise ValueError(
+                f"GPTNeoXConfig.rotary_pct ({self.rotary_pct}) rotates an odd number of dims "
+                f"({self.rotary_ndims}) equal to head_dim; HF would rotate head_dim + 1"
+            )
+        if not self.rotary_emb_base > 0:
+            raise ValueError(
+                f"GPTNeoXConfig.rotary_emb_base must be > 0, got {self.rotary_emb_base!r}"
+            )
+        if not self.layer_norm_eps > 0:
+            raise ValueError(
+                f"GPTNeoXConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"GPTNeoXConfig.hidden_act must be one of {sorted(_ACTIVATIONS)}, "
+                f"got {self.hidden_act!r}"
+            )
+        if self.dtype not in _DTYPES:
+            raise ValueError(
+                f"GPTNeoXConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_ndims(self) -> int:
+        """int(head_dim * rotary_pct), as HF computes it (see ``rope_cos_sin`` for odd values)."""
+        return int(self.head_dim * self.rotary_pct)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTNeoXConfig:
+        """Builds a config from a dict; raises ValueError naming any unknown keys."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GPTNeoXConfig.from_dict: unknown keys {unknown}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------
+# Pure functions.
+
+
+def rope_cos_sin(
+    positions_T: jax.Array, rotary_ndims: int, base: float
+) -> tuple[jax.Array, jax.Array]:
+    """HF rotary tables. positions [T] int -> (cos, sin) each [T, R], float32.
+
+    inv_freq = base ** (-arange(0, r, 2) / r) with r = rotary_ndims; cos/sin of
+    concat(freqs, freqs), so R = 2 * ceil(r / 2) (= r unless r is odd, where HF rotates
+    r + 1 dims; replicated as is). r = 0 gives empty tables (no rotation).
+    """
+    exponents = jnp.arange(0, rotary_ndims, 2, dtype=jnp.float32) / max(rotary_ndims, 1)
+    inv_freq = 1.0 / (base**exponents)
+    freqs_TR2 = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    emb_TR = jnp.concatenate([freqs_TR2, freqs_TR2], axis=-1)
+    return jnp.cos(emb_TR), jnp.sin(emb_TR)
+
+
+def apply_partial_rope(x_BTHE: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array) -> jax.Array:
+    """Rotates the first R dims of each head (x*cos + rotate_half(x)*sin); the rest pass.
+
+    rotate_half(x) = concat(-x2, x1) over the R rotated dims. Keeps x dtype.
+    """
+    r = cos_TR.shape[-1]
+    if r == 0:
+        return x_BTHE
+    x_rot, x_pass = x_BTHE[..., :r], x_BTHE[..., r:]
+    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos = cos_TR[None, :, None, :].astype(x_BTHE.dtype)
+    sin = sin_TR[None, :, None, :].astype(x_BTHE.dtype)
+    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+
+
+def attention(
+    q_BTHE: jax.Array, k_BSHE: jax.Array, v_BSHE: jax.Array, mask_BTS: jax.Array
+) -> jax.Array:
+    """Multi-head softmax attention scaled by 1/sqrt(E) -> [B, T, H, E] in q's dtype.
+
+    Scores are accumulated and soft-maxed in float32; masked entries get
+    finfo(float32).min, so a fully masked row gives a uniform (finite) distribution.
+    """
+    e = q_BTHE.shape[-1]
+    scores_BHTS = jnp.einsum("bthe,bshe->bhts", q_BTHE, k_BSHE, preferred_element_type=jnp.float32)
+    scores_BHTS = scores_BHTS * (e**-0.5)
+    scores_BHTS = jnp.where(mask_BTS[:, None, :, :], scores_BHTS, jnp.finfo(jnp.float32).min)
+    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHE.dtype)
+    return jnp.einsum("bhts,bshe->bthe", probs_BHTS, v_BSHE)
+
+
+# ----------------------------------------------------------------------------
+# Modules.
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) * rsqrt(var + eps) * scale + bias, in float32. [..., D] -> [..., D]."""
+
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+def _dense(cfg: GPTNeoXConfig, features: int, name: str, use_bias: bool = True, **kw) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=_DTYPES[cfg.dtype],
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(cfg.initializer_range),
+        bias_init=nn.initializers.zeros,
+        name=name,
+        **kw,
+    )
+
+
+class Attention(nn.Module):
+    """Fused-qkv self-attention with partial RoPE. x [B,T,D], mask [B,T,T] -> [B,T,D]."""
+
+    cfg: GPTNeoXConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, mask_BTT, cos_TR, sin_TR):
+        cfg = self.cfg
+        b, t, _ = x_BTD.shape
+        h, e = cfg.num_attention_heads, cfg.head_dim
+        qkv = _dense(cfg, 3 * cfg.hidden_size, "query_key_value", cfg.attention_bias)(x_BTD)
+        qkv_BTH3E = qkv.reshape(b, t, h, 3 * e)  # HF: per head [q | k | v]
+        q, k, v = qkv_BTH3E[..., :e], qkv_BTH3E[..., e : 2 * e], qkv_BTH3E[..., 2 * e :]
+        q = apply_partial_rope(q, cos_TR, sin_TR)
+        k = apply_partial_rope(k, cos_TR, sin_TR)
+        out_BTHE = attention(q, k, v, mask_BTT)
+        dense = _dense(cfg, cfg.hidden_size, "dense", cfg.attention_bias)
+        return dense(out_BTHE.reshape(b, t, h * e))
+
+
+class Mlp(nn.Module):
+    """dense_4h_to_h(act(dense_h_to_4h(x))). [B,T,D] -> [B,T,D]."""
+
+    cfg: GPTNeoXConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        y_BTF = _dense(cfg, cfg.intermediate_size, "dense_h_to_4h")(x_BTD)
+        y_BTF = _ACTIVATIONS[cfg.hidden_act](y_BTF)
+        return _dense(cfg, cfg.hidden_size, "dense_4h_to_h")(y_BTF)
+
+
+class Block(nn.Module):
+    """Parallel: x + attn(ln1(x)) + mlp(ln2(x)); else h = x + attn(ln1(x)); h + mlp(ln2(h))."""
+
+    cfg: GPTNeoXConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, mask_BTT, cos_TR, sin_TR):
+        cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
+        ln1 = LayerNorm(cfg.layer_norm_eps, dtype, name="input_layernorm")
+        ln2 = LayerNorm(cfg.layer_norm_eps, dtype, name="post_attention_layernorm")
+        attn_BTD = Attention(cfg, name="attention")(ln1(x_BTD), mask_BTT, cos_TR, sin_TR)
+        mlp = Mlp(cfg, name="mlp")
+        if cfg.use_parallel_residual:
+            return mlp(ln2(x_BTD)) + attn_BTD + x_BTD
+        h_BTD = attn_BTD + x_BTD
+        return mlp(ln2(h_BTD)) + h_BTD
+
+
+class GPTNeoX(nn.Module):
+    """input_ids [B,T] int, attention_mask [B,T] 0/1 (right-padded) -> logits [B,T,V] f32."""
+
+    cfg: GPTNeoXConfig
+
+    @nn.compact
+    def __call__(self, input_ids_BT, attention_mask_BT=None):
+        cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
+        b, t = input_ids_BT.shape
+        if attention_mask_BT is None:
+            attention_mask_BT = jnp.ones((b, t), jnp.int32)
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nn.initializers.normal(cfg.initializer_range),
+            name="embed_in",
+        )
+        x_BTD = embed(input_ids_BT.astype(jnp.int32))
+
+        causal_TT = jnp.tril(jnp.ones((t, t), jnp.bool_))
+        mask_BTT = causal_TT[None] & attention_mask_BT.astype(jnp.bool_)[:, None, :]
+        cos_TR, sin_TR = rope_cos_sin(jnp.arange(t), cfg.rotary_ndims, cfg.rotary_emb_base)
+
+        for i in range(cfg.num_hidden_layers):
+            x_BTD = Block(cfg, name=f"layers_{i}")(x_BTD, mask_BTT, cos_TR, sin_TR)
+        x_BTD = LayerNorm(cfg.layer_norm_eps, dtype, name="final_layer_norm")(x_BTD)
+
+        if cfg.tie_word_embeddings:
+            return jnp.einsum(
+                "btd,vd->btv",
+                x_BTD,
+                embed.embedding.astype(dtype),
+                preferred_element_type=jnp.float32,
+            )
+        f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+        logits = _dense(cfg, cfg.vocab_size, "embed_out", False, dot_general=f32_dot)(x_BTD)
+        return logits.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------
+# Public API.
+
+
+def make_model(config: GPTNeoXConfig) -> tuple[Callable, Callable]:
+    """Returns (init_fn, apply_fn).
+
+    init_fn(rng) -> params: plain nested dict of float32 arrays (tree in module doc).
+    apply_fn(params, input_ids [B,T] int32, attention_mask [B,T] 0/1) -> logits
+      [B,T,V] float32. Neither is jitted; wrap in jax.jit as needed.
+    """
+    module = GPTNeoX(config)
+
+    def init_fn(rng: jax.Array) -> dict:
+        dummy = jnp.zeros((1, 1), jnp.int32)
+        variables = module.init(rng, dummy, jnp.ones((1, 1), jnp.int32))
+        return _to_dict(variables["params"])
+
+    def apply_fn(
+        params: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
+        return module.apply({"params": params}, input_ids, attention_mask)
+
+    return init_fn, apply_fn
+
+
+def _to_dict(tree: Any) -> Any:
+    """Recursively converts (Frozen)Dict mappings to plain dicts."""
+    if hasattr(tree, "items"):
+        return {k: _to_dict(v) for k, v in tree.items()}
+    return tree
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face conversion.
+
+
+def config_from_hf(d: dict[str, Any]) -> GPTNeoXConfig:
+    """GPTNeoXConfig from a parsed Hugging Face ``config.json`` (``model_type`` gpt_neox).
+
+    Reads the rotary settings the way transformers' GPTNeoXConfig does: a
+    ``rope_scaling`` block, else ``rope_parameters`` (transformers 5), wins over the
+    top-level hub spelling ``rotary_pct`` / ``rotary_emb_base`` (Pythia); a top-level
+    ``rope_theta`` is ignored (HF ignores it for gpt_neox too). Missing optional keys take
+    HF's GPTNeoXConfig defaults; keys that don't affect the forward pass (architectures,
+    dropouts, token ids, dtype, use_cache, ...) are ignored. Raises ValueError naming the
+    key for a missing size, another model_type, non-default RoPE (scaling) or a
+    ``head_dim`` other than hidden_size // num_attention_heads.
+    """
+    model_type = d.get("model_type", HF_MODEL_TYPE)
+    if model_type != HF_MODEL_TYPE:
+        raise ValueError(
+            f"config_from_hf: model_type must be {HF_MODEL_TYPE!r}, got {model_type!r}"
+        )
+    sizes = {}
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    ):
+        if key not in d:
+            raise ValueError(f"config_from_hf: missing required key {key!r}")
+        sizes[key] = d[key]
+
+    rope_key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    rope = d.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"config_from_hf: {rope_key} must be a dict, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(
+            f"config_from_hf: {rope_key}.rope_type must be 'default' (no rope scaling), "
+            f"got {rope_type!r}"
+        )
+    unsupported = sorted(set(rope) - set(_ROPE_KEYS))
+    if unsupported:
+        raise ValueError(
+            f"config_from_hf: unsupported {rope_key} keys {unsupported} (only plain RoPE: "
+            f"{list(_ROPE_KEYS)}); got {rope!r}"
+        )
+    theta = rope.get("rope_theta")
+    if theta is None:
+        theta = d.get("rotary_emb_base", 10000.0)
+    pct = rope.get("partial_rotary_factor")
+    if pct is None:
+        pct = d.get("rotary_pct", 0.25)
+
+    head_dim = d.get("head_dim")
+    if head_dim is not None and head_dim != sizes["hidden_size"] // sizes["num_attention_heads"]:
+        raise ValueError(
+            f"config_from_hf: head_dim ({head_dim!r}) must equal hidden_size // "
+            f"num_attention_heads for gpt_neox"
+        )
+
+    return GPTNeoXConfig(
+        **sizes,
+        rotary_pct=float(pct),
+        rotary_emb_base=float(theta),
+        layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)),
+        use_parallel_residual=d.get("use_parallel_residual", True),
+        hidden_act=d.get("hidden_act", "gelu"),
+        tie_word_embeddings=d.get("tie_word_embeddings", False),
+        attention_bias=d.get("attention_bias", True),
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        initializer_range=float(d.get("initializer_range", 0.02)),
+    )
+
+
+def config_to_hf(cfg: GPTNeoXConfig) -> dict[str, Any]:
+    """A ``config.json`` dict that transformers loads as GPTNeoXForCausalLM.
+
+    Writes the rotary settings both as ``rope_parameters`` (transformers 5) and as
+    ``rotary_pct`` / ``rotary_emb_base`` (older readers); ``dtype`` float32 matches
+    ``params_to_hf``. Our compute ``dtype`` is not exported.
+    """
+    return {
+        "architectures": [HF_ARCHITECTURE],
+        "model_type": HF_MODEL_TYPE,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "hidden_act": cfg.hidden_act,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "use_parallel_residual": cfg.use_parallel_residual,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "initializer_range": cfg.initializer_range,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": cfg.rotary_emb_base,
+            "partial_rotary_factor": cfg.rotary_pct,
+        },
+        "rotary_pct": cfg.rotary_pct,
+        "rotary_emb_base": cfg.rotary_emb_base,
+        "attention_dropout": 0.0,
+        "hidden_dropout": 0.0,
+        "use_cache": True,
+        "dtype": cfg.dtype,
+    }
+
+
+def _hf_spec(cfg: GPTNeoXConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], bool]]:
+    """(HF tensor name, our param path, torch shape, transposed) for every tensor."""
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    spec = [("gpt_neox.embed_in.weight", ("embed_in", "embedding"), (v, d), False)]
+
+    def linear(hf: str, path: tuple[str, ...], n_out: int, n_in: int, bias: bool = True):
+        spec.append((f"{hf}.weight", (*path, "kernel"), (n_out, n_in), True))
+        if bias:
+            spec.append((f"{hf}.bias", (*path, "bias"), (n_out,), False))
+
+    def layer_norm(hf: str, path: tuple[str, ...]):
+        spec.append((f"{hf}.weight", (*path, "scale"), (d,), False))
+        spec.append((f"{hf}.bias", (*path, "bias"), (d,), False))
+
+    for i in range(cfg.num_hidden_layers):
+        hf, ours = f"gpt_neox.layers.{i}", f"layers_{i}"
+        layer_norm(f"{hf}.input_layernorm", (ours, "input_layernorm"))
+        layer_norm(f"{hf}.post_attention_layernorm", (ours, "post_attention_layernorm"))
+        qkv = (ours, "attention", "query_key_value")
+        linear(f"{hf}.attention.query_key_value", qkv, 3 * d, d, cfg.attention_bias)
+        dense = (ours, "attention", "dense")
+        linear(f"{hf}.attention.dense", dense, d, d, cfg.attention_bias)
+        linear(f"{hf}.mlp.dense_h_to_4h", (ours, "mlp", "dense_h_to_4h"), f, d)
+        linear(f"{hf}.mlp.dense_4h_to_h", (ours, "mlp", "dense_4h_to_h"), d, f)
+    layer_norm("gpt_neox.final_layer_norm", ("final_layer_norm",))
+    if not cfg.tie_word_embeddings:
+        linear("embed_out", ("embed_out",), v, d, bias=False)
+    return spec
+
+
+def hf_tensor_names(cfg: GPTNeoXConfig) -> list[str]:
+    """Every HF tensor name ``params_from_hf`` reads (names ending in IGNORED_HF_SUFFIXES
+    are buffers of old checkpoints, not parameters)."""
+    return [name for name, _, _, _ in _hf_spec(cfg)]
+
+
+def params_from_hf(get: Callable[[str], Any], cfg: GPTNeoXConfig) -> dict:
+    """Our nested float32 numpy params from HF tensors; ``get(name)`` returns one tensor.
+
+    Torch ``[out, in]`` weights become ``[in, out]`` kernels; ``query_key_value`` keeps
+    HF's per-head ``[q|k|v]`` column order. A missing tensor propagates ``get``'s
+    KeyError; a wrong shape raises ValueError naming the tensor and both shapes.
+    """
+    params: dict = {}
+    for name, path, shape, transposed in _hf_spec(cfg):
+        arr = np.asarray(get(name))
+        if arr.shape != shape:
+            raise ValueError(f"HF tensor {name}: expected shape {shape}, got {arr.shape}")
+        arr = arr.astype(np.float32)
+        if transposed:
+            arr = np.ascontiguousarray(arr.T)
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = arr
+    return params
+
+
+def params_to_hf(params: dict, cfg: GPTNeoXConfig) -> dict[str, np.ndarray]:
+    """Inverse of ``params_from_hf``: {HF name: numpy array in torch layout, params' dtype}.
+
+    Raises ValueError naming the parameter for a wrong shape, and for parameters the
+    config does not have (e.g. ``embed_out`` on a tied config).
+    """
+    spec = _hf_spec(cfg)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    present = {tuple(k.key for k in path) for path, _ in leaves}
+    unexpected = sorted("/".join(p) for p in present - {path for _, path, _, _ in spec})
+    if unexpected:
+        raise ValueError(f"params_to_hf: parameters not in the config's tree: {unexpected}")
+    out = {}
+    for name, path, shape, transposed in spec:
+        node = params
+        for key in path:
+            node = node[key]
+        arr = np.asarray(node)
+        ours = tuple(reversed(shape)) if transposed else shape
+        if arr.shape != ours:
+            raise ValueError(
+                f"params_to_hf: {'/'.join(path)} (HF {name}): expected shape {ours}, "
+                f"got {arr.shape}"
+            )
+        out[name] = np.ascontiguousarray(arr.T if transposed else arr)
+    return out
