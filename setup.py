@@ -26,6 +26,9 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.9",
         "tensorboardX>=2.6",
+        "safetensors>=0.6",
+        "gguf>=0.17",
+        "transformers>=5,<6",  # tokenizers and chat templates only; torch is not needed
     ],
     extras_require={
         "test": ["pytest>=8"],

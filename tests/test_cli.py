@@ -76,3 +76,18 @@ def test_train_preset_and_overrides(tmp_path):
         *TINY,
     )
     assert again.returncode == 0 and "resuming from step 4" in again.stdout
+
+
+@pytest.mark.slow
+def test_generate_with_the_shipped_smollm2():
+    out = _cli(
+        "generate",
+        "--model=smollm2",
+        "--chat",
+        "--max_new_tokens=12",
+        "--prompt=What is the capital of France?",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (
+        "### prompt: What is the capital of France?\nThe capital of France is Paris." in out.stdout
+    )

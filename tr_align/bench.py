@@ -110,3 +110,82 @@ def markdown_table(report) -> str:
         for r in report["results"]
     ]
     return "\n".join([head, *rows])
+
+
+def generation(
+    source: str,
+    out_path: str,
+    *,
+    batch_sizes=(1, 8),
+    prompt_len: int = 32,
+    max_new_tokens: int = 64,
+    repeats: int = 3,
+) -> tuple[dict, str]:
+    """Greedy KV-cache decoding throughput of a pretrained Llama-family model.
+
+    Prompts are ``prompt_len`` fixed token ids; EOS is disabled so every row produces
+    ``max_new_tokens``. Reported: median wall time over ``repeats`` calls after one
+    compiling call, and new tokens per second (batch * max_new_tokens / time).
+    """
+    import functools
+
+    from tr_align import generate, pretrained
+    from tr_align.models import llama
+
+    config, _, _, params = pretrained.load({"pretrained": source, "dtype": "float32"})
+    params = jax.tree.map(jax.numpy.asarray, params)
+    decode_fn = llama.make_decode_fn(config)
+    init_cache = functools.partial(llama.init_cache, config)
+    rows = []
+    for batch in batch_sizes:
+        prompts = [
+            [(7 * i + j) % config.vocab_size for j in range(prompt_len)] for i in range(batch)
+        ]
+        run = functools.partial(
+            generate.generate, decode_fn, init_cache, params, prompts, max_new_tokens=max_new_tokens
+        )
+        t0 = time.perf_counter()
+        run()
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        rows.append(
+            {
+                "batch": batch,
+                "prompt_len": prompt_len,
+                "new_tokens": max_new_tokens,
+                "first_call_s": round(first, 2),
+                "median_s": round(t, 3),
+                "new_tokens_per_s": round(batch * max_new_tokens / t, 1),
+            }
+        )
+    devs = jax.devices()
+    report = {
+        "source": source,
+        "device": f"{len(devs)} x {devs[0].device_kind}",
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "results": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    table = "\n".join(
+        [
+            f"Generation, {source} on {report['device']}, jax {report['jax']}\n",
+            "| batch | prompt tokens | new tokens | first call s | median s | new tokens/s |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        + [
+            f"| {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | {r['first_call_s']} "
+            f"| {r['median_s']} | {r['new_tokens_per_s']} |"
+            for r in rows
+        ]
+    )
+    with open(out_path + ".md", "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    return report, table

@@ -6,8 +6,12 @@ Commands:
           Rerunning with the same --workdir resumes from its newest checkpoint.
   export  Write a run's trained policy (or reference) as a Hugging Face checkpoint:
           tr-align export --workdir=DIR --out=OUT [--which=policy|reference] [--step=N]
+  generate  Complete prompts with a pretrained model (KV-cache decoding):
+          tr-align generate --model=PATH|smollm2 --prompt="..." [--chat] [--max_new_tokens=64]
+          [--temperature=0] [--top_k=0] [--top_p=1] [--seed=0]
   bench   Time and memory of the compiled train step, frozen vs. trust-region reference:
           tr-align bench --config=configs/default.py --out=bench/default.json [--config.KEY=VALUE ...]
+          tr-align bench --generate_model=smollm2 --out=bench/generate.json   (tokens/s)
 
 Run ``tr-align COMMAND --help`` for a command's flags.
 """
@@ -84,12 +88,23 @@ def _bench(argv) -> None:
     flags.DEFINE_integer("steps", 30, "Timed steps per mode (median reported).")
     flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
     flags.DEFINE_list("modes", ["vanilla", "tr-soft", "tr-hard"], "Reference modes to compare.")
+    flags.DEFINE_string(
+        "generate_model",
+        None,
+        "Instead of the train step, time KV-cache "
+        "generation of this pretrained model (HF dir, .gguf or 'smollm2').",
+    )
     FLAGS = flags.FLAGS
 
     def body():
         from tr_align import bench, trust_region
         from tr_align.config import ConfigError
 
+        if FLAGS.generate_model:
+            _, table = bench.generation(FLAGS.generate_model, FLAGS.out)
+            print(table)
+            print(f"tr-align: wrote {FLAGS.out} and {FLAGS.out}.md")
+            return
         unknown = sorted(set(FLAGS.modes) - set(trust_region.PRESETS))
         if unknown:
             raise ConfigError(
@@ -124,7 +139,41 @@ def _export(argv) -> None:
     _run_app(argv, "export", body)
 
 
-COMMANDS = {"train": _train, "export": _export, "bench": _bench}
+def _generate(argv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string(
+        "model", None, "HF model directory, .gguf file or 'smollm2'.", required=True
+    )
+    flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch).", required=True)
+    flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn with the chat template.")
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = all).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    FLAGS = flags.FLAGS
+
+    def body():
+        from tr_align import generate
+
+        texts = generate.complete(
+            FLAGS.model,
+            FLAGS.prompt,
+            chat=FLAGS.chat,
+            max_new_tokens=FLAGS.max_new_tokens,
+            temperature=FLAGS.temperature,
+            top_k=FLAGS.top_k,
+            top_p=FLAGS.top_p,
+            seed=FLAGS.seed,
+        )
+        for prompt, text in zip(FLAGS.prompt, texts):
+            print(f"### prompt: {prompt}\n{text}\n")
+
+    _run_app(argv, "generate", body)
+
+
+COMMANDS = {"train": _train, "export": _export, "generate": _generate, "bench": _bench}
 
 
 def main(argv=None) -> int:

@@ -171,3 +171,51 @@ def generate(
         pad_id=pad_id,
     )
     return np.asarray(tokens), np.asarray(lengths)
+
+
+def complete(
+    source: str,
+    prompts: Sequence[str],
+    *,
+    chat: bool = False,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+):
+    """Text in, text out: loads ``source`` (see ``tr_align.pretrained``) and its tokenizer,
+    encodes each prompt (as a user turn with the chat template when ``chat``), generates,
+    and decodes the new tokens up to EOS."""
+    from tr_align import pretrained
+    from tr_align.models import LlamaConfig, llama
+
+    config, _, _, params = pretrained.load({"pretrained": source, "dtype": "float32"})
+    if not isinstance(config, LlamaConfig):
+        raise ValueError(f"{source}: generation supports Llama-family models for now")
+    tokenizer = pretrained.load_tokenizer(source)
+    if chat:
+        ids = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+            )
+            for p in prompts
+        ]
+        ids = [list(x["input_ids"]) if hasattr(x, "keys") else list(x) for x in ids]
+    else:
+        ids = [tokenizer.encode(p) for p in prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens, lengths = generate(
+        llama.make_decode_fn(config),
+        functools.partial(llama.init_cache, config),
+        params,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=pad_id,
+        seed=seed,
+    )
+    return [tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(tokens, lengths)]

@@ -52,3 +52,14 @@ def load(model_cfg):
     config = dataclasses.replace(config, dtype=model_cfg.get("dtype", "float32"))
     init_fn, apply_fn = hf.model_fns(config)
     return config, init_fn, apply_fn, params
+
+
+def load_tokenizer(source: str):
+    """The tokenizer of a pretrained source (transformers; tokenizers only, no torch)."""
+    if is_gguf(source):
+        from tr_align import gguf
+
+        return gguf.load_tokenizer(gguf.smollm2_gguf_path() if source == "smollm2" else source)
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(source)
