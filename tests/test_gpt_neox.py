@@ -364,12 +364,20 @@ def test_wrong_shape_raises_naming_tensor_and_shapes():
     assert name in msg and "(96, 32)" in msg and "(32, 96)" in msg
 
 
-def test_params_from_hf_casts_low_precision_to_float32():
-    cfg = gx.config_from_hf(fixture_config())
+def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
+    """params_from_hf leaves dtypes alone; tr_align.hf casts to the requested dtype."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from tr_align import hf
+
+    shutil.copy(FIXTURE / "config.json", tmp_path / "config.json")
     tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in fixture_tensors().items()}
-    params = gx.params_from_hf(tensors.__getitem__, cfg)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _, params, _ = hf.load_pretrained(str(tmp_path), dtype="float32")
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
-    emb = params["embed_in"]["embedding"]
+    emb = np.asarray(params["embed_in"]["embedding"])
     np.testing.assert_array_equal(emb, tensors["gpt_neox.embed_in.weight"].astype(np.float32))
 
 

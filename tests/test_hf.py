@@ -210,3 +210,47 @@ def test_unsupported_settings_are_rejected(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(bad_rope))
     with pytest.raises(ValueError, match="rope_type='yarn'"):
         hf.load_pretrained(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "smollm2_tied", "gpt_neox"])
+def test_load_straight_into_a_sharding_reads_only_each_devices_block(name, monkeypatch):
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.asarray(jax.devices()).reshape(8), ("fsdp",))
+
+    def spec(x):  # FSDP-style: split the first dimension divisible by 8
+        dims = [i for i, d in enumerate(x.shape) if d % 8 == 0]
+        if not dims:
+            return NamedSharding(mesh, P())
+        parts = [None] * len(x.shape)
+        parts[dims[0]] = "fsdp"
+        return NamedSharding(mesh, P(*parts))
+
+    _, plain, _ = hf.load_pretrained(str(FIXTURES / name))
+    shardings = jax.tree.map(spec, plain)
+
+    reads = []
+    real_getitem = hf.LazyTensor.__getitem__
+
+    def recording_getitem(self, index):
+        block = real_getitem(self, index)
+        reads.append((self.name, self.shape, block.shape))
+        return block
+
+    monkeypatch.setattr(hf.LazyTensor, "__getitem__", recording_getitem)
+    apply_fn, params, _ = hf.load_pretrained(str(FIXTURES / name), shardings=shardings)
+    for got, want, sh in zip(
+        jax.tree.leaves(params), jax.tree.leaves(plain), jax.tree.leaves(shardings)
+    ):
+        assert got.sharding == sh
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    split = [(n, full, blk) for n, full, blk in reads if full != blk]
+    assert split and all(np.prod(blk) * 8 == np.prod(full) for _, full, blk in split)
+    # Every 2-D tensor with a dimension divisible by 8 was read only in 1/8 blocks.
+    assert not [
+        n
+        for n, full, blk in reads
+        if len(full) == 2 and full == blk and any(d % 8 == 0 for d in full)
+    ]
+    assert _max_err(jax.jit(apply_fn), params, name) < 1e-4

@@ -90,30 +90,83 @@ def _tensor_files(path: str) -> dict[str, str]:
     raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
 
+class LazyTensor:
+    """A tensor in a safetensors file, read only where indexed.
+
+    ``.T`` is a lazy transpose; ``x[index]`` (a tuple of slices, as
+    ``jax.make_array_from_callback`` passes) reads just that block with safetensors'
+    ``get_slice``; ``np.asarray(x)`` reads everything.
+    """
+
+    def __init__(self, handle, name: str, transposed: bool = False):
+        self._handle, self.name, self.transposed = handle, name, transposed
+        shape = tuple(handle.get_slice(name).get_shape())
+        self.shape = shape[::-1] if transposed else shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def T(self) -> LazyTensor:  # noqa: N802 - numpy's name
+        return LazyTensor(self._handle, self.name, not self.transposed)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = tuple(index) if isinstance(index, tuple) else (index,)
+        index = index + (slice(None),) * (self.ndim - len(index))
+        if self.transposed:
+            return self._handle.get_slice(self.name)[index[::-1]].T
+        return self._handle.get_slice(self.name)[index]
+
+    def __array__(self, dtype=None, copy=None):
+        x = self[tuple(slice(None) for _ in self.shape)]
+        return x if dtype is None else x.astype(dtype)
+
+
 class _Reader:
-    """``reader(name) -> np.ndarray``, keeping each safetensors file open once."""
+    """``reader(name) -> LazyTensor``, keeping each safetensors file open once."""
 
     def __init__(self, path: str):
         self.path = path
         self.files = _tensor_files(path)
         self._open = {}
 
-    def __call__(self, name: str) -> np.ndarray:
+    def __call__(self, name: str) -> LazyTensor:
         if name not in self.files:
             raise KeyError(name)
         file = self.files[name]
         if file not in self._open:
             self._open[file] = safe_open(file, framework="numpy")
-        return self._open[file].get_tensor(name)
+        return LazyTensor(self._open[file], name)
 
 
-def load_pretrained(path: str, dtype: str = "float32"):
+def _materialize(params, dtype, shardings):
+    """Lazy tensors -> jax arrays; with ``shardings`` each device reads only its block."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jnp.asarray(np.asarray(x), dtype), params)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, params)
+
+    def place(x, sharding):
+        def block(index):
+            return np.asarray(x[index]).astype(dtype)
+
+        return jax.make_array_from_callback(tuple(x.shape), sharding, block)
+
+    return jax.tree.map(place, params, shardings)
+
+
+def load_pretrained(path: str, dtype: str = "float32", *, shardings=None):
     """Loads a local Hugging Face causal-LM directory.
 
     Args:
       path: directory with config.json and model.safetensors (or a sharded
         model.safetensors.index.json).
       dtype: "float32" or "bfloat16": the parameter and compute dtype (logits are float32).
+      shardings: None (arrays on the default device), one ``jax.sharding.Sharding`` for
+        every parameter, or a pytree of them with the params' structure. With shardings,
+        each process reads from disk only the blocks its devices hold (safetensors slices),
+        so a model larger than one host's memory can be loaded across a mesh.
 
     Returns:
       (apply_fn, params, config): ``apply_fn(params, input_ids, attention_mask) -> logits``.
@@ -137,7 +190,7 @@ def load_pretrained(path: str, dtype: str = "float32"):
     )
     if extra:
         raise ValueError(f"{path}: unexpected tensors for this config: {extra[:10]}")
-    params = jax.tree.map(lambda x: jnp.asarray(x, DTYPES[dtype]), params)
+    params = _materialize(params, DTYPES[dtype], shardings)
     _, apply_fn = module.make_model(config)
     return apply_fn, params, config
 

@@ -531,24 +531,25 @@ def hf_tensor_names(cfg: GPTNeoXConfig) -> list[str]:
 
 
 def params_from_hf(get: Callable[[str], Any], cfg: GPTNeoXConfig) -> dict:
-    """Our nested float32 numpy params from HF tensors; ``get(name)`` returns one tensor.
+    """Our nested params from HF tensors; ``get(name)`` returns one tensor by its HF name.
 
-    Torch ``[out, in]`` weights become ``[in, out]`` kernels; ``query_key_value`` keeps
-    HF's per-head ``[q|k|v]`` column order. A missing tensor propagates ``get``'s
-    KeyError; a wrong shape raises ValueError naming the tensor and both shapes.
+    Torch ``[out, in]`` weights become ``[in, out]`` kernels (``.T``); ``query_key_value``
+    keeps HF's per-head ``[q|k|v]`` column order. Tensors are only reshaped by ``.T``
+    and checked by ``.shape``, so ``get`` may return lazy tensors (``tr_align.hf`` reads
+    each device's slice on demand); the caller casts. A missing tensor propagates
+    ``get``'s KeyError; a wrong shape raises ValueError naming the tensor and both shapes.
     """
     params: dict = {}
     for name, path, shape, transposed in _hf_spec(cfg):
-        arr = np.asarray(get(name))
-        if arr.shape != shape:
-            raise ValueError(f"HF tensor {name}: expected shape {shape}, got {arr.shape}")
-        arr = arr.astype(np.float32)
-        if transposed:
-            arr = np.ascontiguousarray(arr.T)
+        arr = get(name)
+        if tuple(arr.shape) != tuple(shape):
+            raise ValueError(
+                f"HF tensor {name}: expected shape {shape}, got {tuple(arr.shape)}"
+            )
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = arr
+        node[path[-1]] = arr.T if transposed else arr
     return params
 
 
