@@ -185,3 +185,211 @@ def test_kv_cache_generation_matches_transformers_greedy(smollm2):
     )
     assert tokens[0, : lengths[0]].tolist() == REFERENCE["generated_ids"][: lengths[0]]
     assert lengths[0] == n or REFERENCE["generated_ids"][lengths[0] - 1] == tokenizer.eos_token_id
+
+
+# ----------------------------------------------------------------------------
+# Tiny synthetic GGUF files per quantization type, written the way llama.cpp's
+# convert_hf_to_gguf + quantize lay them out, against an independent dequantization.
+
+_TINY = dict(hidden=64, inter=128, layers=2, heads=4, kv_heads=2, theta=50000.0, eps=1e-5)
+_TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_TINY_MERGES = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld"]
+
+
+def _tiny_vocab(size):
+    """Byte-level BPE vocabulary of ``size`` tokens: 3 control tokens, a-z, Ġ, merge
+    results, then filler (ASCII symbols, Ġ + letter) that no merge reaches."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = _TINY_SPECIALS + letters + ["Ġ"] + [m.replace(" ", "") for m in _TINY_MERGES]
+    filler = [chr(c) for c in range(33, 127) if chr(c) not in letters]
+    filler += ["Ġ" + c for c in letters]
+    tokens += [t for t in filler if t not in tokens][: size - len(tokens)]
+    assert len(tokens) == len(set(tokens)) == size
+    return tokens
+
+
+def _unpermute_rows(w, n_head):
+    """The test's own inverse of _llama_cpp_permute: GGUF row 2*i + j -> HF row j*E/2 + i."""
+    rows = w.shape[0]
+    e = rows // n_head
+    hf_rows = np.empty_like(w)
+    for h in range(n_head):
+        for i in range(e // 2):
+            for j in range(2):
+                hf_rows[h * e + j * e // 2 + i] = w[h * e + 2 * i + j]
+    return hf_rows
+
+
+def _tiny_hf_weights(vocab, tied, seed=0):
+    """Seeded float32 HF-layout (torch [out, in]) weights of the tiny model."""
+    rng = np.random.default_rng(seed)
+    d, f, hd = _TINY["hidden"], _TINY["inter"], _TINY["hidden"] // _TINY["heads"]
+
+    def mat(rows, cols, scale=0.2):
+        return (scale * rng.normal(size=(rows, cols))).astype(np.float32)
+
+    def norm():
+        return (1.0 + 0.1 * rng.normal(size=(d,))).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": mat(vocab, d, 1.0)}
+    for i in range(_TINY["layers"]):
+        p = f"model.layers.{i}"
+        w[f"{p}.input_layernorm.weight"] = norm()
+        w[f"{p}.self_attn.q_proj.weight"] = mat(_TINY["heads"] * hd, d)
+        w[f"{p}.self_attn.k_proj.weight"] = mat(_TINY["kv_heads"] * hd, d)
+        w[f"{p}.self_attn.v_proj.weight"] = mat(_TINY["kv_heads"] * hd, d)
+        w[f"{p}.self_attn.o_proj.weight"] = mat(d, _TINY["heads"] * hd)
+        w[f"{p}.post_attention_layernorm.weight"] = norm()
+        w[f"{p}.mlp.gate_proj.weight"] = mat(f, d)
+        w[f"{p}.mlp.up_proj.weight"] = mat(f, d)
+        w[f"{p}.mlp.down_proj.weight"] = mat(d, f)
+    w["model.norm.weight"] = norm()
+    if not tied:
+        w["lm_head.weight"] = mat(vocab, d)
+    return w
+
+
+def _gguf_layout(hf_weights):
+    """(gguf_name, hf_name, n_head to permute q/k rows by or None) in llama.cpp's order."""
+    out = [("token_embd.weight", "model.embed_tokens.weight", None)]
+    per_layer = [
+        ("attn_norm", "input_layernorm", None),
+        ("attn_q", "self_attn.q_proj", _TINY["heads"]),
+        ("attn_k", "self_attn.k_proj", _TINY["kv_heads"]),
+        ("attn_v", "self_attn.v_proj", None),
+        ("attn_output", "self_attn.o_proj", None),
+        ("ffn_norm", "post_attention_layernorm", None),
+        ("ffn_gate", "mlp.gate_proj", None),
+        ("ffn_up", "mlp.up_proj", None),
+        ("ffn_down", "mlp.down_proj", None),
+    ]
+    for i in range(_TINY["layers"]):
+        for g, h, n_head in per_layer:
+            out.append((f"blk.{i}.{g}.weight", f"model.layers.{i}.{h}.weight", n_head))
+    out.append(("output_norm.weight", "model.norm.weight", None))
+    if "lm_head.weight" in hf_weights:
+        out.append(("output.weight", "lm_head.weight", None))
+    return out
+
+
+def _write_tiny_gguf(path, hf_weights, qtype, tokens):
+    """Writes a llama GGUF: metadata, gpt2 tokenizer, q/k permuted, 2-D tensors quantized to
+    ``qtype`` (norms F32). Returns the independent expectation: HF-named float32 tensors
+    dequantized from exactly the bytes written, q/k un-permuted by ``_unpermute_rows``."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(_TINY["layers"])
+    writer.add_context_length(256)
+    writer.add_embedding_length(_TINY["hidden"])
+    writer.add_feed_forward_length(_TINY["inter"])
+    writer.add_head_count(_TINY["heads"])
+    writer.add_head_count_kv(_TINY["kv_heads"])
+    writer.add_rope_freq_base(_TINY["theta"])
+    writer.add_layer_norm_rms_eps(_TINY["eps"])
+    writer.add_file_type(int(qtype))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in _TINY_SPECIALS else 1 for t in tokens])
+    writer.add_token_merges(_TINY_MERGES)
+    writer.add_bos_token_id(tokens.index("<|im_start|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    expected = {}
+    for gguf_name, hf_key, n_head in _gguf_layout(hf_weights):
+        w = hf_weights[hf_key]
+        if w.ndim == 1:  # norms stay F32, as llama.cpp keeps them
+            writer.add_tensor(gguf_name, w)
+            expected[hf_key] = w
+            continue
+        if n_head is not None:
+            w = _llama_cpp_permute(w, n_head)
+        data = gguf.quants.quantize(w, qtype)
+        raw_dtype = qtype if data.dtype == np.uint8 else None
+        writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
+        deq = np.asarray(gguf.quants.dequantize(data, qtype), np.float32)
+        expected[hf_key] = deq if n_head is None else _unpermute_rows(deq, n_head)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+# qtype -> (tied embeddings, tolerance on |loaded - W| as a fraction of max |W| per tensor).
+_QTYPE_CASES = {
+    "F32": (True, 0.0),
+    "F16": (False, 1e-3),
+    "Q8_0": (True, 0.01),
+    "Q4_0": (False, 0.15),
+    "Q4_1": (True, 0.15),
+}
+
+
+@pytest.mark.parametrize("qname", list(_QTYPE_CASES))
+def test_load_gguf_quant_types_match_independent_dequantization(tmp_path, qname):
+    import gguf
+
+    from tr_align.models import llama
+
+    qtype = gguf.GGMLQuantizationType[qname]
+    tied, tol = _QTYPE_CASES[qname]
+    vocab = 64 if tied else 128
+    tokens = _tiny_vocab(vocab)
+    weights = _tiny_hf_weights(vocab, tied)
+    path = tmp_path / f"tiny-{qname}.gguf"
+    expected = _write_tiny_gguf(path, weights, qtype, tokens)
+
+    # The file really holds qtype for every matrix and F32 for the norms.
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert ("output.weight" in types) == (not tied)
+    for name, t in types.items():
+        assert t == (gguf.GGMLQuantizationType.F32 if "norm" in name else qtype), name
+
+    apply_fn, params, config, tokenizer = tr_gguf.load_gguf(str(path))
+
+    want_config = llama.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=_TINY["hidden"],
+        intermediate_size=_TINY["inter"],
+        num_hidden_layers=_TINY["layers"],
+        num_attention_heads=_TINY["heads"],
+        num_key_value_heads=_TINY["kv_heads"],
+        rope_theta=_TINY["theta"],
+        rms_norm_eps=float(np.float32(_TINY["eps"])),  # GGUF stores it as float32
+        tie_word_embeddings=tied,
+        max_position_embeddings=256,
+    )
+    assert config == want_config
+    assert ("lm_head" in params) == (not tied)
+
+    # Loaded params == the independent dequantization, exactly; and near W by qtype.
+    want = llama.params_from_hf(expected.__getitem__, want_config)
+    exact = llama.params_from_hf(weights.__getitem__, want_config)
+    assert jax.tree.structure(params) == jax.tree.structure(want)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    for (key, got), w, x in zip(leaves, jax.tree.leaves(want), jax.tree.leaves(exact)):
+        name = jax.tree_util.keystr(key)
+        assert got.dtype == jnp.float32, name
+        np.testing.assert_array_equal(np.asarray(got), w, err_msg=name)
+        err = float(np.max(np.abs(np.asarray(got) - x)))
+        assert err <= tol * float(np.max(np.abs(x))), (name, err)
+        if x.ndim == 2 and tol > 0:
+            assert err > 0, f"{name}: {qname} left the weights bit-exact"
+
+    # Logits equal those of our Llama built directly from the independent HF tensors.
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, vocab, size=(2, 7)), jnp.int32)
+    _, ref_apply = llama.make_model(want_config)
+    logits = np.asarray(apply_fn(params, ids))
+    assert logits.shape == (2, 7, vocab) and np.isfinite(logits).all()
+    np.testing.assert_allclose(logits, np.asarray(ref_apply(want, ids)), atol=1e-5, rtol=0)
+    assert float(np.std(logits)) > 0.1  # a non-degenerate model
+
+    # The tokenizer built from the file's gpt2 metadata.
+    assert tokenizer.encode("hello world", add_special_tokens=False) == [
+        tokens.index("hello"),
+        tokens.index("Ġworld"),
+    ]
+    assert tokenizer.decode([tokens.index("hello"), tokens.index("Ġworld")]) == "hello world"
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.bos_token == "<|im_start|>"
+    assert tokenizer.encode("<|im_end|>", add_special_tokens=False) == [tokens.index("<|im_end|>")]
