@@ -121,7 +121,7 @@ def generation(
     max_new_tokens: int = 64,
     repeats: int = 3,
 ) -> tuple[dict, str]:
-    """Greedy KV-cache decoding throughput of a pretrained Llama-family model.
+    """Greedy KV-cache decoding throughput of a pretrained model.
 
     Prompts are ``prompt_len`` fixed token ids; EOS is disabled so every row produces
     ``max_new_tokens``. Reported: median wall time over ``repeats`` calls after one
@@ -129,13 +129,11 @@ def generation(
     """
     import functools
 
-    from tr_align import generate, pretrained
-    from tr_align.models import llama
+    from tr_align import generate, hf, pretrained
 
     config, _, _, params = pretrained.load({"pretrained": source, "dtype": "float32"})
     params = jax.tree.map(jax.numpy.asarray, params)
-    decode_fn = llama.make_decode_fn(config)
-    init_cache = functools.partial(llama.init_cache, config)
+    decode_fn, init_cache = hf.decode_fns(config)
     rows = []
     for batch in batch_sizes:
         prompts = [

@@ -139,8 +139,8 @@ def generate(
     """Continues each prompt (a list of token ids).
 
     Args:
-      decode_fn: a model's cached forward, e.g. ``llama.make_decode_fn(config)``.
-      init_cache: ``(batch, length) -> cache``, e.g. ``partial(llama.init_cache, config)``.
+      decode_fn: a model's cached forward; ``hf.decode_fns(config)`` gives it and init_cache.
+      init_cache: ``(batch, length) -> cache``.
       params: model parameters.
       prompts: token-id lists (any lengths; left-padded internally).
 
@@ -187,12 +187,10 @@ def complete(
     """Text in, text out: loads ``source`` (see ``tr_align.pretrained``) and its tokenizer,
     encodes each prompt (as a user turn with the chat template when ``chat``), generates,
     and decodes the new tokens up to EOS."""
-    from tr_align import pretrained
-    from tr_align.models import LlamaConfig, llama
+    from tr_align import hf, pretrained
 
     config, _, _, params = pretrained.load({"pretrained": source, "dtype": "float32"})
-    if not isinstance(config, LlamaConfig):
-        raise ValueError(f"{source}: generation supports Llama-family models for now")
+    decode_fn, init_cache = hf.decode_fns(config)
     tokenizer = pretrained.load_tokenizer(source)
     if chat:
         ids = [
@@ -206,8 +204,8 @@ def complete(
         ids = [tokenizer.encode(p) for p in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens, lengths = generate(
-        llama.make_decode_fn(config),
-        functools.partial(llama.init_cache, config),
+        decode_fn,
+        init_cache,
         params,
         ids,
         max_new_tokens=max_new_tokens,

@@ -14,6 +14,7 @@ via ml_dtypes); a missing, extra or mis-shaped tensor is an error naming it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -62,6 +63,16 @@ def config_from_hf(hf_config: dict, where: str = "config.json"):
 def model_fns(config):
     """(init_fn, apply_fn) for any supported model config (LlamaConfig, GPTNeoXConfig)."""
     return _module_for_config(config).make_model(config)
+
+
+def decode_fns(config):
+    """(decode_fn, init_cache) for KV-cache generation (``tr_align.generate``):
+    ``decode_fn(params, ids, positions, cache, cache_index, kv_mask)`` and
+    ``init_cache(batch, length)``."""
+    module = _module_for_config(config)
+    if not hasattr(module, "make_decode_fn"):
+        raise ValueError(f"{type(config).__name__}: KV-cache generation is not implemented")
+    return module.make_decode_fn(config), functools.partial(module.init_cache, config)
 
 
 def read_config(path: str) -> dict:
