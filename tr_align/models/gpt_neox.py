@@ -8,7 +8,8 @@ map one-to-one:
     output is viewed as ``[H, 3*E]`` and split, not as three ``[D]`` blocks.
   * Partial RoPE in the "rotate_half" form on the first ``int(E * rotary_pct)`` dims of
     each head (``cos/sin = concat(freqs, freqs)``); the remaining dims pass through.
-    Positions ``arange(T)`` (inputs are RIGHT-padded). No rope scaling.
+    Positions ``arange(T)`` (inputs are RIGHT-padded); in decoding mode, per-row
+    positions ``[B, T]``. No rope scaling.
   * Multi-head attention scaled by ``1/sqrt(E)``; causal + key-padding mask with
     ``finfo(float32).min`` (never -inf), softmax in float32, no dropout.
   * MLP ``dense_4h_to_h(act(dense_h_to_4h(x)))``; ``hidden_act="gelu"`` is the exact erf
@@ -36,6 +37,9 @@ Hugging Face conversion (``config_from_hf``, ``config_to_hf``, ``params_from_hf`
 ``GPTNeoXForCausalLM`` (``gpt_neox.layers.{i}.attention.query_key_value.weight``,
 ``embed_out.weight``, ...).
 
+Decoding: ``init_cache`` / ``make_decode_fn`` give a KV-cache forward with the same
+interface as ``tr_align.models.llama`` (used by ``tr_align.generate``).
+
 Shape suffixes: B batch, T query length, S key length, D hidden, V vocab,
 H heads, E head_dim, R rotary dims, F intermediate.
 """
@@ -51,6 +55,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tr_align.models import common
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Hugging Face ACT2FN names (transformers/activations.py) -> the same function in JAX.
@@ -176,7 +182,7 @@ class GPTNeoXConfig:
 def rope_cos_sin(
     positions_T: jax.Array, rotary_ndims: int, base: float
 ) -> tuple[jax.Array, jax.Array]:
-    """HF rotary tables. positions [T] int -> (cos, sin) each [T, R], float32.
+    """HF rotary tables. positions [T] (or [B, T]) int -> (cos, sin) each [T, R] ([B, T, R]).
 
     inv_freq = base ** (-arange(0, r, 2) / r) with r = rotary_ndims; cos/sin of
     concat(freqs, freqs), so R = 2 * ceil(r / 2) (= r unless r is odd, where HF rotates
@@ -184,7 +190,7 @@ def rope_cos_sin(
     """
     exponents = jnp.arange(0, rotary_ndims, 2, dtype=jnp.float32) / max(rotary_ndims, 1)
     inv_freq = 1.0 / (base**exponents)
-    freqs_TR2 = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    freqs_TR2 = positions_T.astype(jnp.float32)[..., None] * inv_freq
     emb_TR = jnp.concatenate([freqs_TR2, freqs_TR2], axis=-1)
     return jnp.cos(emb_TR), jnp.sin(emb_TR)
 
@@ -192,7 +198,8 @@ def rope_cos_sin(
 def apply_partial_rope(x_BTHE: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array) -> jax.Array:
     """Rotates the first R dims of each head (x*cos + rotate_half(x)*sin); the rest pass.
 
-    rotate_half(x) = concat(-x2, x1) over the R rotated dims. Keeps x dtype.
+    rotate_half(x) = concat(-x2, x1) over the R rotated dims. Tables are [T, R] (shared
+    positions) or [B, T, R] (per-row positions, e.g. decoding). Keeps x dtype.
     """
     r = cos_TR.shape[-1]
     if r == 0:
@@ -200,8 +207,9 @@ def apply_partial_rope(x_BTHE: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array) 
     x_rot, x_pass = x_BTHE[..., :r], x_BTHE[..., r:]
     x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos = cos_TR[None, :, None, :].astype(x_BTHE.dtype)
-    sin = sin_TR[None, :, None, :].astype(x_BTHE.dtype)
+    expand = (lambda c: c[None, :, None, :]) if cos_TR.ndim == 2 else (lambda c: c[:, :, None, :])
+    cos = expand(cos_TR).astype(x_BTHE.dtype)
+    sin = expand(sin_TR).astype(x_BTHE.dtype)
     return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
 
 
@@ -257,12 +265,17 @@ def _dense(cfg: GPTNeoXConfig, features: int, name: str, use_bias: bool = True, 
 
 
 class Attention(nn.Module):
-    """Fused-qkv self-attention with partial RoPE. x [B,T,D], mask [B,T,T] -> [B,T,D]."""
+    """Fused-qkv self-attention with partial RoPE. x [B,T,D], mask [B,T,S] -> [B,T,D].
+
+    cos/sin are [T,R] or [B,T,R]. Without ``cache`` the keys are this chunk's (S = T).
+    With ``cache`` = {"k", "v"} of [B, S, H, E], this chunk's keys/values are written at
+    slot ``cache_index`` and the queries attend over all S slots; returns (out, new_cache).
+    """
 
     cfg: GPTNeoXConfig
 
     @nn.compact
-    def __call__(self, x_BTD, mask_BTT, cos_TR, sin_TR):
+    def __call__(self, x_BTD, mask_BTS, cos_TR, sin_TR, cache=None, cache_index=None):
         cfg = self.cfg
         b, t, _ = x_BTD.shape
         h, e = cfg.num_attention_heads, cfg.head_dim
@@ -271,9 +284,17 @@ class Attention(nn.Module):
         q, k, v = qkv_BTH3E[..., :e], qkv_BTH3E[..., e : 2 * e], qkv_BTH3E[..., 2 * e :]
         q = apply_partial_rope(q, cos_TR, sin_TR)
         k = apply_partial_rope(k, cos_TR, sin_TR)
-        out_BTHE = attention(q, k, v, mask_BTT)
+        if cache is not None:
+            at = (0, cache_index, 0, 0)
+            cache = {
+                "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
+                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
+            }
+            k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+        out_BTHE = attention(q, k, v, mask_BTS)
         dense = _dense(cfg, cfg.hidden_size, "dense", cfg.attention_bias)
-        return dense(out_BTHE.reshape(b, t, h * e))
+        out = dense(out_BTHE.reshape(b, t, h * e))
+        return out if cache is None else (out, cache)
 
 
 class Mlp(nn.Module):
@@ -295,29 +316,47 @@ class Block(nn.Module):
     cfg: GPTNeoXConfig
 
     @nn.compact
-    def __call__(self, x_BTD, mask_BTT, cos_TR, sin_TR):
+    def __call__(self, x_BTD, mask_BTS, cos_TR, sin_TR, cache=None, cache_index=None):
         cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
         ln1 = LayerNorm(cfg.layer_norm_eps, dtype, name="input_layernorm")
         ln2 = LayerNorm(cfg.layer_norm_eps, dtype, name="post_attention_layernorm")
-        attn_BTD = Attention(cfg, name="attention")(ln1(x_BTD), mask_BTT, cos_TR, sin_TR)
+        attn = Attention(cfg, name="attention")
+        attn_BTD = attn(ln1(x_BTD), mask_BTS, cos_TR, sin_TR, cache, cache_index)
+        if cache is not None:
+            attn_BTD, cache = attn_BTD
         mlp = Mlp(cfg, name="mlp")
         if cfg.use_parallel_residual:
-            return mlp(ln2(x_BTD)) + attn_BTD + x_BTD
-        h_BTD = attn_BTD + x_BTD
-        return mlp(ln2(h_BTD)) + h_BTD
+            out_BTD = mlp(ln2(x_BTD)) + attn_BTD + x_BTD
+        else:
+            h_BTD = attn_BTD + x_BTD
+            out_BTD = mlp(ln2(h_BTD)) + h_BTD
+        return out_BTD if cache is None else (out_BTD, cache)
 
 
 class GPTNeoX(nn.Module):
-    """input_ids [B,T] int, attention_mask [B,T] 0/1 (right-padded) -> logits [B,T,V] f32."""
+    """input_ids [B,T] int, attention_mask [B,T] 0/1 (right-padded) -> logits [B,T,V] f32.
+
+    Decoding mode (``cache`` given, see ``init_cache``): the chunk's tokens sit at cache
+    slots ``cache_index .. cache_index + T - 1``; ``positions_BT`` are their rotary
+    positions and ``kv_mask_BS`` marks the valid (non-padding) slots. A query attends
+    to valid slots at or before its own. Returns (logits, new_cache).
+    """
 
     cfg: GPTNeoXConfig
 
     @nn.compact
-    def __call__(self, input_ids_BT, attention_mask_BT=None):
+    def __call__(
+        self,
+        input_ids_BT,
+        attention_mask_BT=None,
+        *,
+        cache=None,
+        cache_index=None,
+        positions_BT=None,
+        kv_mask_BS=None,
+    ):
         cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
         b, t = input_ids_BT.shape
-        if attention_mask_BT is None:
-            attention_mask_BT = jnp.ones((b, t), jnp.int32)
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -328,24 +367,43 @@ class GPTNeoX(nn.Module):
         )
         x_BTD = embed(input_ids_BT.astype(jnp.int32))
 
-        causal_TT = jnp.tril(jnp.ones((t, t), jnp.bool_))
-        mask_BTT = causal_TT[None] & attention_mask_BT.astype(jnp.bool_)[:, None, :]
-        cos_TR, sin_TR = rope_cos_sin(jnp.arange(t), cfg.rotary_ndims, cfg.rotary_emb_base)
+        if cache is None:
+            if attention_mask_BT is None:
+                attention_mask_BT = jnp.ones((b, t), jnp.int32)
+            q_slots_T, kv_valid_BS, positions = jnp.arange(t), attention_mask_BT, jnp.arange(t)
+        else:
+            q_slots_T, kv_valid_BS, positions = (
+                cache_index + jnp.arange(t),
+                kv_mask_BS,
+                positions_BT,
+            )
+        kv_slots_S = jnp.arange(kv_valid_BS.shape[1])
+        causal_TS = kv_slots_S[None, :] <= q_slots_T[:, None]
+        mask_BTS = causal_TS[None] & kv_valid_BS.astype(jnp.bool_)[:, None, :]
+        cos_TR, sin_TR = rope_cos_sin(positions, cfg.rotary_ndims, cfg.rotary_emb_base)
 
+        new_cache = []
         for i in range(cfg.num_hidden_layers):
-            x_BTD = Block(cfg, name=f"layers_{i}")(x_BTD, mask_BTT, cos_TR, sin_TR)
+            block = Block(cfg, name=f"layers_{i}")
+            if cache is None:
+                x_BTD = block(x_BTD, mask_BTS, cos_TR, sin_TR)
+            else:
+                x_BTD, layer_cache = block(x_BTD, mask_BTS, cos_TR, sin_TR, cache[i], cache_index)
+                new_cache.append(layer_cache)
         x_BTD = LayerNorm(cfg.layer_norm_eps, dtype, name="final_layer_norm")(x_BTD)
 
         if cfg.tie_word_embeddings:
-            return jnp.einsum(
+            logits = jnp.einsum(
                 "btd,vd->btv",
                 x_BTD,
                 embed.embedding.astype(dtype),
                 preferred_element_type=jnp.float32,
             )
-        f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-        logits = _dense(cfg, cfg.vocab_size, "embed_out", False, dot_general=f32_dot)(x_BTD)
-        return logits.astype(jnp.float32)
+        else:
+            f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+            logits = _dense(cfg, cfg.vocab_size, "embed_out", False, dot_general=f32_dot)(x_BTD)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
 
 
 # ----------------------------------------------------------------------------
@@ -353,32 +411,22 @@ class GPTNeoX(nn.Module):
 
 
 def make_model(config: GPTNeoXConfig) -> tuple[Callable, Callable]:
-    """Returns (init_fn, apply_fn).
-
-    init_fn(rng) -> params: plain nested dict of float32 arrays (tree in module doc).
-    apply_fn(params, input_ids [B,T] int32, attention_mask [B,T] 0/1) -> logits
-      [B,T,V] float32. Neither is jitted; wrap in jax.jit as needed.
-    """
-    module = GPTNeoX(config)
-
-    def init_fn(rng: jax.Array) -> dict:
-        dummy = jnp.zeros((1, 1), jnp.int32)
-        variables = module.init(rng, dummy, jnp.ones((1, 1), jnp.int32))
-        return _to_dict(variables["params"])
-
-    def apply_fn(
-        params: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None
-    ) -> jax.Array:
-        return module.apply({"params": params}, input_ids, attention_mask)
-
-    return init_fn, apply_fn
+    """(init_fn, apply_fn): see ``common.model_fns`` (tree in the module doc)."""
+    return common.model_fns(GPTNeoX(config))
 
 
-def _to_dict(tree: Any) -> Any:
-    """Recursively converts (Frozen)Dict mappings to plain dicts."""
-    if hasattr(tree, "items"):
-        return {k: _to_dict(v) for k, v in tree.items()}
-    return tree
+def make_decode_fn(config: GPTNeoXConfig) -> Callable:
+    """Cached forward for ``tr_align.generate``: see ``common.decode_fn`` and ``GPTNeoX``."""
+    return common.decode_fn(GPTNeoX(config))
+
+
+def init_cache(config: GPTNeoXConfig, batch: int, length: int, dtype=None) -> list[dict]:
+    """Zeroed KV cache, per layer {"k", "v"} of [batch, length, kv heads, head_dim], in the
+    compute dtype unless ``dtype`` is given."""
+    dtype = _DTYPES[config.dtype] if dtype is None else dtype
+    return common.zeros_cache(
+        config.num_hidden_layers, batch, length, config.num_attention_heads, config.head_dim, dtype
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -543,9 +591,7 @@ def params_from_hf(get: Callable[[str], Any], cfg: GPTNeoXConfig) -> dict:
     for name, path, shape, transposed in _hf_spec(cfg):
         arr = get(name)
         if tuple(arr.shape) != tuple(shape):
-            raise ValueError(
-                f"HF tensor {name}: expected shape {shape}, got {tuple(arr.shape)}"
-            )
+            raise ValueError(f"HF tensor {name}: expected shape {shape}, got {tuple(arr.shape)}")
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})

@@ -44,6 +44,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tr_align.models import common
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _LLAMA3_ROPE_KEYS = (
     "rope_type",
@@ -411,60 +413,22 @@ class Llama(nn.Module):
 
 
 def make_model(config: LlamaConfig) -> tuple[Callable, Callable]:
-    """Returns (init_fn, apply_fn).
-
-    init_fn(rng) -> params: plain nested dict of float32 arrays (tree in module doc).
-    apply_fn(params, input_ids [B,T] int32, attention_mask [B,T] 0/1) -> logits
-      [B,T,V] float32. Neither is jitted; wrap in jax.jit as needed.
-    """
-    module = Llama(config)
-
-    def init_fn(rng: jax.Array) -> dict:
-        dummy = jnp.zeros((1, 1), jnp.int32)
-        variables = module.init(rng, dummy, jnp.ones((1, 1), jnp.int32))
-        return _to_dict(variables["params"])
-
-    def apply_fn(
-        params: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None
-    ) -> jax.Array:
-        return module.apply({"params": params}, input_ids, attention_mask)
-
-    return init_fn, apply_fn
-
-
-def init_cache(config: LlamaConfig, batch: int, length: int, dtype=None) -> list[dict]:
-    """Zeroed KV cache: per layer {"k", "v"} of [batch, length, num_key_value_heads, head_dim]."""
-    dtype = _DTYPES[config.dtype] if dtype is None else dtype
-    shape = (batch, length, config.num_key_value_heads, config.head_dim)
-    return [
-        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-        for _ in range(config.num_hidden_layers)
-    ]
+    """(init_fn, apply_fn): see ``common.model_fns`` (tree in the module doc)."""
+    return common.model_fns(Llama(config))
 
 
 def make_decode_fn(config: LlamaConfig) -> Callable:
-    """decode_fn(params, input_ids [B,T], positions [B,T], cache, cache_index, kv_mask [B,S])
-    -> (logits [B,T,V] float32, new_cache). See ``Llama`` for the slot semantics."""
-    module = Llama(config)
-
-    def decode_fn(params, input_ids, positions, cache, cache_index, kv_mask):
-        return module.apply(
-            {"params": params},
-            input_ids,
-            cache=cache,
-            cache_index=cache_index,
-            positions_BT=positions,
-            kv_mask_BS=kv_mask,
-        )
-
-    return decode_fn
+    """Cached forward for ``tr_align.generate``: see ``common.decode_fn`` and ``Llama``."""
+    return common.decode_fn(Llama(config))
 
 
-def _to_dict(tree: Any) -> Any:
-    """Recursively converts (Frozen)Dict mappings to plain dicts."""
-    if hasattr(tree, "items"):
-        return {k: _to_dict(v) for k, v in tree.items()}
-    return tree
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype=None) -> list[dict]:
+    """Zeroed KV cache, per layer {"k", "v"} of [batch, length, kv heads, head_dim], in the
+    compute dtype unless ``dtype`` is given."""
+    dtype = _DTYPES[config.dtype] if dtype is None else dtype
+    return common.zeros_cache(
+        config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim, dtype
+    )
 
 
 def count_params(params: Any) -> int:
