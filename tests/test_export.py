@@ -11,14 +11,15 @@ from safetensors.numpy import load_file
 from conftest import REPO
 from tr_align import checkpoint, export, hf, loop
 
-FIXTURE = REPO / "tests" / "fixtures" / "hf" / "llama_gqa"
+FIXTURES = REPO / "tests" / "fixtures" / "hf"
+FIXTURE = FIXTURES / "llama_gqa"
 
 
-def _pretrained_config(tiny_config, preset):
+def _pretrained_config(tiny_config, preset, source=FIXTURE):
     return tiny_config(
         preset,
         **{
-            "model.pretrained": str(FIXTURE),
+            "model.pretrained": str(source),
             "train.steps": 4,
             "train.eval_every_steps": 4,
             "checkpoint.every_steps": 2,
@@ -27,8 +28,10 @@ def _pretrained_config(tiny_config, preset):
 
 
 @pytest.mark.slow
-def test_train_from_hf_checkpoint_and_export(tiny_config, tmp_path):
-    config = _pretrained_config(tiny_config, "tr-soft")
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt_neox", "qwen2"])
+def test_train_from_hf_checkpoint_and_export(tiny_config, tmp_path, name):
+    source = FIXTURES / name
+    config = _pretrained_config(tiny_config, "tr-soft", source)
     summary = loop.run(config, str(tmp_path / "run"), progress=False, devices=jax.devices()[:1])
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
     np.testing.assert_allclose(first["loss"], np.log(2.0), rtol=1e-6)  # policy == reference
@@ -42,10 +45,10 @@ def test_train_from_hf_checkpoint_and_export(tiny_config, tmp_path):
     apply_fn, params, cfg = hf.load_pretrained(str(tmp_path / "out"))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert cfg.model_type == "llama" and cfg.num_key_value_heads == 2
+    assert cfg.model_type == json.loads((source / "config.json").read_text())["model_type"]
     assert (tmp_path / "out" / "generation_config.json").exists()  # copied from the source dir
     # Training moved the weights away from the pretrained ones.
-    original = load_file(FIXTURE / "model.safetensors")
+    original = load_file(source / "model.safetensors")
     exported = load_file(tmp_path / "out" / "model.safetensors")
     assert sorted(original) == sorted(exported)
     assert any(not np.array_equal(original[k], exported[k]) for k in original)
