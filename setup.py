@@ -29,6 +29,7 @@ setup(
         "safetensors>=0.6",
         "gguf>=0.17",
         "transformers>=5,<6",  # tokenizers and chat templates only; torch is not needed
+        "jinja2>=3.1",  # chat templates (transformers does not require it)
     ],
     extras_require={
         "test": ["pytest>=8"],
