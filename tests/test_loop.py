@@ -144,22 +144,3 @@ def test_sigint_finishes_the_step_and_checkpoints(tiny_config, tmp_path, monkeyp
     assert summary["step"] == 3
     assert checkpoint.manager(str(tmp_path), max_to_keep=5).all_steps() == [3]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("loss_type", __import__("tr_align.losses").losses.LOSS_TYPES)
-def test_every_loss_type_trains_in_the_sharded_step(tiny_config, tmp_path, loss_type):
-    config = tiny_config(
-        **{
-            "loss.type": loss_type,
-            "train.steps": 3,
-            "train.eval_every_steps": 3,
-            "checkpoint.every_steps": 3,
-        }
-    )
-    summary = loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:2])
-    assert summary["step"] == 3
-    assert np.isfinite(summary["train"]["loss"]) and np.isfinite(summary["eval"]["eval/loss"])
-    if loss_type == "sigmoid":  # first step: policy == reference
-        first = read_jsonl(tmp_path / "metrics.jsonl")[1]
-        np.testing.assert_allclose(first["loss"], np.log(2.0), rtol=1e-6)
