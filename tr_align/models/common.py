@@ -65,3 +65,67 @@ def zeros_cache(num_layers: int, batch: int, length: int, kv_heads: int, head_di
     """Per layer {"k", "v"} zeros of [batch, length, kv_heads, head_dim]."""
     shape = (batch, length, kv_heads, head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(num_layers)]
+
+
+def attention(
+    q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask_BTS: jax.Array
+) -> jax.Array:
+    """Grouped-query softmax attention -> [B, T, H, E] in q's dtype.
+
+    Query head h uses kv head h // G (contiguous groups, HF repeat_kv). Scores are
+    accumulated and soft-maxed in float32; masked entries get finfo(float32).min, so
+    a fully masked row gives a uniform (finite) distribution, never NaN.
+    """
+    b, t, h, e = q_BTHE.shape
+    k = k_BSKE.shape[2]
+    q_BTKGE = q_BTHE.reshape(b, t, k, h // k, e)
+    scores_BKGTS = jnp.einsum(
+        "btkge,bske->bkgts", q_BTKGE, k_BSKE, preferred_element_type=jnp.float32
+    )
+    scores_BKGTS = scores_BKGTS * (e**-0.5)
+    scores_BKGTS = jnp.where(
+        mask_BTS[:, None, None, :, :], scores_BKGTS, jnp.finfo(jnp.float32).min
+    )
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKE.dtype)
+    out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
+    return out_BTKGE.reshape(b, t, h, e)
+
+
+def slot_mask(
+    attention_mask_BT,
+    cache_index,
+    kv_mask_BS,
+    positions_BT,
+    *,
+    batch: int,
+    length: int,
+    sliding_window: int | None = None,
+):
+    """(mask [B,T,S] bool, rotary positions) for the plain or the cached forward.
+
+    Plain forward (``cache_index`` None): T = S, key padding from ``attention_mask_BT``
+    (default all ones), positions ``arange(T)`` (inputs are right-padded). Cached
+    decoding: the chunk's queries sit at slots ``cache_index + arange(T)``, keys are
+    the S cache slots marked valid in ``kv_mask_BS``, positions are ``positions_BT``.
+    A query sees valid keys at or before its own slot (and, with a sliding window,
+    fewer than ``sliding_window`` slots back).
+    """
+    if cache_index is None:
+        if attention_mask_BT is None:
+            attention_mask_BT = jnp.ones((batch, length), jnp.int32)
+        q_slots_T, kv_valid_BS, positions = (
+            jnp.arange(length),
+            attention_mask_BT,
+            jnp.arange(length),
+        )
+    else:
+        q_slots_T, kv_valid_BS, positions = (
+            cache_index + jnp.arange(length),
+            kv_mask_BS,
+            positions_BT,
+        )
+    kv_slots_S = jnp.arange(kv_valid_BS.shape[1])
+    allowed_TS = kv_slots_S[None, :] <= q_slots_T[:, None]
+    if sliding_window is not None:
+        allowed_TS &= (q_slots_T[:, None] - kv_slots_S[None, :]) < sliding_window
+    return allowed_TS[None] & kv_valid_BS.astype(jnp.bool_)[:, None, :], positions

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tr_align.models import common
+from tr_align.models.common import attention
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Hugging Face ACT2FN names (transformers/activations.py) -> the same function in JAX.
@@ -213,22 +214,6 @@ def apply_partial_rope(x_BTHE: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array) 
     return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
 
 
-def attention(
-    q_BTHE: jax.Array, k_BSHE: jax.Array, v_BSHE: jax.Array, mask_BTS: jax.Array
-) -> jax.Array:
-    """Multi-head softmax attention scaled by 1/sqrt(E) -> [B, T, H, E] in q's dtype.
-
-    Scores are accumulated and soft-maxed in float32; masked entries get
-    finfo(float32).min, so a fully masked row gives a uniform (finite) distribution.
-    """
-    e = q_BTHE.shape[-1]
-    scores_BHTS = jnp.einsum("bthe,bshe->bhts", q_BTHE, k_BSHE, preferred_element_type=jnp.float32)
-    scores_BHTS = scores_BHTS * (e**-0.5)
-    scores_BHTS = jnp.where(mask_BTS[:, None, :, :], scores_BHTS, jnp.finfo(jnp.float32).min)
-    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHE.dtype)
-    return jnp.einsum("bhts,bshe->bthe", probs_BHTS, v_BSHE)
-
-
 # ----------------------------------------------------------------------------
 # Modules.
 
@@ -367,19 +352,14 @@ class GPTNeoX(nn.Module):
         )
         x_BTD = embed(input_ids_BT.astype(jnp.int32))
 
-        if cache is None:
-            if attention_mask_BT is None:
-                attention_mask_BT = jnp.ones((b, t), jnp.int32)
-            q_slots_T, kv_valid_BS, positions = jnp.arange(t), attention_mask_BT, jnp.arange(t)
-        else:
-            q_slots_T, kv_valid_BS, positions = (
-                cache_index + jnp.arange(t),
-                kv_mask_BS,
-                positions_BT,
-            )
-        kv_slots_S = jnp.arange(kv_valid_BS.shape[1])
-        causal_TS = kv_slots_S[None, :] <= q_slots_T[:, None]
-        mask_BTS = causal_TS[None] & kv_valid_BS.astype(jnp.bool_)[:, None, :]
+        mask_BTS, positions = common.slot_mask(
+            attention_mask_BT,
+            None if cache is None else cache_index,
+            kv_mask_BS,
+            positions_BT,
+            batch=b,
+            length=t,
+        )
         cos_TR, sin_TR = rope_cos_sin(positions, cfg.rotary_ndims, cfg.rotary_emb_base)
 
         new_cache = []

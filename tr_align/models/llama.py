@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from tr_align.models import common
+from tr_align.models.common import attention
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _LLAMA3_ROPE_KEYS = (
@@ -215,30 +216,6 @@ def apply_rope(x_BTNE: jax.Array, cos_TE: jax.Array, sin_TE: jax.Array) -> jax.A
     return x_BTNE * cos + rotated * sin
 
 
-def attention(
-    q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask_BTS: jax.Array
-) -> jax.Array:
-    """Grouped-query softmax attention -> [B, T, H, E] in q's dtype.
-
-    Query head h uses kv head h // G (contiguous groups, HF repeat_kv). Scores are
-    accumulated and soft-maxed in float32; masked entries get finfo(float32).min, so
-    a fully masked row gives a uniform (finite) distribution, never NaN.
-    """
-    b, t, h, e = q_BTHE.shape
-    k = k_BSKE.shape[2]
-    q_BTKGE = q_BTHE.reshape(b, t, k, h // k, e)
-    scores_BKGTS = jnp.einsum(
-        "btkge,bske->bkgts", q_BTKGE, k_BSKE, preferred_element_type=jnp.float32
-    )
-    scores_BKGTS = scores_BKGTS * (e**-0.5)
-    scores_BKGTS = jnp.where(
-        mask_BTS[:, None, None, :, :], scores_BKGTS, jnp.finfo(jnp.float32).min
-    )
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKE.dtype)
-    out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
-    return out_BTKGE.reshape(b, t, h, e)
-
-
 # ----------------------------------------------------------------------------
 # Modules.
 
@@ -367,21 +344,15 @@ class Llama(nn.Module):
         )
         x_BTD = embed(input_ids_BT.astype(jnp.int32))
 
-        if cache is None:
-            if attention_mask_BT is None:
-                attention_mask_BT = jnp.ones((b, t), jnp.int32)
-            q_slots_T, kv_valid_BS, positions = jnp.arange(t), attention_mask_BT, jnp.arange(t)
-        else:
-            q_slots_T, kv_valid_BS, positions = (
-                cache_index + jnp.arange(t),
-                kv_mask_BS,
-                positions_BT,
-            )
-        kv_slots_S = jnp.arange(kv_valid_BS.shape[1])
-        allowed_TS = kv_slots_S[None, :] <= q_slots_T[:, None]
-        if cfg.sliding_window is not None:
-            allowed_TS &= (q_slots_T[:, None] - kv_slots_S[None, :]) < cfg.sliding_window
-        mask_BTS = allowed_TS[None] & kv_valid_BS.astype(jnp.bool_)[:, None, :]
+        mask_BTS, positions = common.slot_mask(
+            attention_mask_BT,
+            None if cache is None else cache_index,
+            kv_mask_BS,
+            positions_BT,
+            batch=b,
+            length=t,
+            sliding_window=cfg.sliding_window,
+        )
         cos_TE, sin_TE = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
         new_cache = []
