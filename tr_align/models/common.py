@@ -8,12 +8,16 @@ through these helpers as ``make_model``, ``make_decode_fn`` and ``init_cache``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# dot_general accumulating (and returning) float32, for the output projection.
+F32_DOT = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 
 
 def to_dict(tree: Any) -> Any:
@@ -129,3 +133,26 @@ def slot_mask(
     if sliding_window is not None:
         allowed_TS &= (q_slots_T[:, None] - kv_slots_S[None, :]) < sliding_window
     return allowed_TS[None] & kv_valid_BS.astype(jnp.bool_)[:, None, :], positions
+
+
+def run_blocks(blocks, x_BTD, mask_BTS, cos, sin, cache=None, cache_index=None):
+    """Applies the decoder layers in order, threading the per-layer KV cache when given.
+
+    Returns (x_BTD, new_cache); new_cache is None for the plain forward.
+    """
+    if cache is None:
+        for block in blocks:
+            x_BTD = block(x_BTD, mask_BTS, cos, sin)
+        return x_BTD, None
+    new_cache = []
+    for block, layer_cache in zip(blocks, cache):
+        x_BTD, layer_cache = block(x_BTD, mask_BTS, cos, sin, layer_cache, cache_index)
+        new_cache.append(layer_cache)
+    return x_BTD, new_cache
+
+
+def tied_logits(x_BTD, embedding_VD, dtype):
+    """x @ embedding^T in ``dtype`` with float32 accumulation -> [B,T,V] float32."""
+    return jnp.einsum(
+        "btd,vd->btv", x_BTD, embedding_VD.astype(dtype), preferred_element_type=jnp.float32
+    )

@@ -362,27 +362,17 @@ class GPTNeoX(nn.Module):
         )
         cos_TR, sin_TR = rope_cos_sin(positions, cfg.rotary_ndims, cfg.rotary_emb_base)
 
-        new_cache = []
-        for i in range(cfg.num_hidden_layers):
-            block = Block(cfg, name=f"layers_{i}")
-            if cache is None:
-                x_BTD = block(x_BTD, mask_BTS, cos_TR, sin_TR)
-            else:
-                x_BTD, layer_cache = block(x_BTD, mask_BTS, cos_TR, sin_TR, cache[i], cache_index)
-                new_cache.append(layer_cache)
+        blocks = [Block(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        x_BTD, new_cache = common.run_blocks(
+            blocks, x_BTD, mask_BTS, cos_TR, sin_TR, cache, cache_index
+        )
         x_BTD = LayerNorm(cfg.layer_norm_eps, dtype, name="final_layer_norm")(x_BTD)
-
         if cfg.tie_word_embeddings:
-            logits = jnp.einsum(
-                "btd,vd->btv",
-                x_BTD,
-                embed.embedding.astype(dtype),
-                preferred_element_type=jnp.float32,
-            )
+            logits = common.tied_logits(x_BTD, embed.embedding, dtype)
         else:
-            f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-            logits = _dense(cfg, cfg.vocab_size, "embed_out", False, dot_general=f32_dot)(x_BTD)
-        logits = logits.astype(jnp.float32)
+            logits = _dense(cfg, cfg.vocab_size, "embed_out", False, dot_general=common.F32_DOT)(
+                x_BTD
+            ).astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)
 
 
