@@ -30,9 +30,12 @@ setup(
         "gguf>=0.17",
         "transformers>=5,<6",  # tokenizers and chat templates only; torch is not needed
         "jinja2>=3.1",  # chat templates (transformers does not require it)
+        "datasets>=3.0",  # local JSON/JSONL/Parquet files and hub datasets (tr_align/data/sources.py)
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # data.source="tfds": read TFDS datasets through tfds.data_source (array_record), no TensorFlow
+        "tfds": ["tensorflow-datasets>=4.9.6"],
+        "test": ["pytest>=8", "tensorflow-datasets>=4.9.6"],
     },
     entry_points={"console_scripts": ["tr-align=tr_align.cli:main"]},
 )
