@@ -1,54 +1,66 @@
-"""Deterministic, checkpointable batch iteration over in-memory preference arrays (grain).
+"""Deterministic, checkpointable batch iteration over tokenized examples (grain).
 
-The order depends only on the seed: each epoch is a fresh permutation
-(``shuffle(seed).repeat()``). The iterator state (``get_state()``, a small
-JSON-able dict) is saved in every checkpoint and restored on resume, so a
-resumed run sees exactly the batches an uninterrupted run would see. In a
-multi-host run each process reads only its own rows (``process_index`` slice).
+``train_iterator`` is a grain iterator over global batches (``batching.BatchOrder``: the order
+depends only on the seed, a fresh permutation per epoch, optionally grouped by length), each
+padded to its length bucket and cut to this process's rows. Its state (``get_state()``, a small
+JSON-able dict) is saved in every checkpoint and restored on resume, so a resumed run sees
+exactly the batches an uninterrupted run would see.
 """
 
 from __future__ import annotations
 
+import functools
+
 import grain
 import numpy as np
 
+from tr_align.data import batching
+from tr_align.data.tokenize import TokenizedSet
 
-class _Rows:
-    """A random-access source over a dict of equal-length arrays."""
 
-    def __init__(self, arrays):
-        self._arrays = arrays
-        self._n = len(next(iter(arrays.values())))
-
-    def __len__(self):
-        return self._n
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self._arrays.items()}
+def _buckets(data: TokenizedSet, buckets):
+    return tuple(sorted(buckets)) if buckets else (int(data.lengths.max()),)
 
 
 def train_iterator(
-    arrays, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+    data: TokenizedSet,
+    *,
+    batch_size: int,
+    seed: int,
+    buckets=None,
+    pad_id: int = 0,
+    group_window: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
 ):
-    """An endless iterator of host-local batches (dicts of [batch_size // process_count, ...] arrays)."""
+    """An endless iterator of host-local batches (dicts of [batch_size // process_count, L]
+    arrays, L = the batch's bucket). ``buckets=None``: one bucket, the longest example."""
     if batch_size % process_count:
         raise ValueError(
-            f"train.batch_size={batch_size} must be divisible by the number of processes ({process_count})"
+            f"train.batch_size={batch_size} must be divisible by the number of processes "
+            f"({process_count})"
         )
-    ds = grain.MapDataset.source(_Rows(arrays)).shuffle(seed=seed).repeat(None)
-    ds = ds[process_index::process_count]
-    ds = ds.batch(batch_size // process_count, drop_remainder=True)
-    return iter(ds.to_iter_dataset())
+    order = batching.BatchOrder(data.lengths, batch_size, seed, group_window)
+    pad = functools.partial(
+        batching.make_batch,
+        data,
+        buckets=_buckets(data, buckets),
+        pad_id=pad_id,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return iter(grain.MapDataset.source(order).map(pad).to_iter_dataset())
 
 
-def eval_batches(arrays, batch_size: int):
-    """Fixed-order eval batches; the last one is padded by repeating row 0 and
-    carries a ``weight`` array (1 for real rows, 0 for padding)."""
-    n = len(next(iter(arrays.values())))
+def eval_batches(data: TokenizedSet, batch_size: int, *, buckets=None, pad_id: int = 0):
+    """Fixed-order global eval batches; the last one is padded by repeating row 0 and every
+    batch carries a ``weight`` array (1 for real rows, 0 for padding)."""
+    n = len(data)
+    buckets = _buckets(data, buckets)
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
         weight = (idx < n).astype(np.float32)
         idx = np.where(idx < n, idx, 0)
-        batch = {k: v[idx] for k, v in arrays.items()}
+        batch = batching.make_batch(data, idx, buckets=buckets, pad_id=pad_id)
         batch["weight"] = weight
         yield batch

@@ -103,3 +103,22 @@ def train_and_eval(cfg, *, vocab_size: int, seed: int):
     train, seen = make_pairs(cfg.num_train, seed, **kw)
     evals, _ = make_pairs(cfg.num_eval, seed + 1_000_003, exclude_prompts=seen, **kw)
     return train, evals
+
+
+def to_tokenized(arrays):
+    """The padded arrays of ``make_pairs`` as a ``TokenizedSet`` (prompt = BOS..SEP)."""
+    from tr_align.data.tokenize import Ragged, TokenizedSet
+
+    attn, loss = arrays["chosen_attention_mask"], arrays["chosen_loss_mask"]
+    prompt_len = (attn * (1 - loss)).sum(1)
+
+    def part(name, lo, hi):
+        ids = arrays[f"{name}_input_ids"]
+        return Ragged.from_lists([row[a:b] for row, a, b in zip(ids, lo, hi)])
+
+    ends = attn.sum(1)
+    return TokenizedSet(
+        prompt=part("chosen", np.zeros_like(prompt_len), prompt_len),
+        chosen=part("chosen", prompt_len, ends),
+        rejected=part("rejected", prompt_len, arrays["rejected_attention_mask"].sum(1)),
+    )
