@@ -40,6 +40,7 @@ __all__ = [
     "preference_loss",
     "uses_average_logps",
     "kto_loss",
+    "kto_loss_labeled",
     "token_logps",
     "sequence_logps",
 ]
@@ -351,6 +352,52 @@ def kto_loss(
     chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)
     rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratios)
     return losses, chosen_rewards, rejected_rewards, kl
+
+
+def kto_loss_labeled(
+    policy_logps: jax.Array,
+    ref_logps: jax.Array,
+    policy_kl_logps: jax.Array,
+    ref_kl_logps: jax.Array,
+    label: jax.Array,
+    *,
+    beta,
+    desirable_weight=1.0,
+    undesirable_weight=1.0,
+    weight: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``kto_loss`` for a fixed-shape batch that mixes desirable and undesirable rows.
+
+    Same formulas as ``kto_loss``, with the split done by ``label`` ([B], 1 = desirable,
+    0 = undesirable) instead of by shape, so it jits with one program for any mix:
+
+        kl     = stop_gradient(max(sum(w * (policy_kl_logps - ref_kl_logps)) / sum(w), 0))
+        r      = policy_logps - ref_logps
+        losses = where(label, desirable_weight * (1 - sigmoid(beta * (r - kl))),
+                              undesirable_weight * (1 - sigmoid(beta * (kl - r))))   # [B]
+
+    ``weight`` ([B], default 1) excludes padding rows from the KL mean. The batch loss is
+    the (weighted) mean of ``losses``, which equals the mean of ``kto_loss``'s concatenated
+    losses.
+
+    Returns:
+      (losses [B], rewards [B] = stop_gradient(beta * r), kl scalar), float32.
+    """
+    _check_positive("beta", beta)
+    chex.assert_rank([policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, label], 1)
+    chex.assert_equal_shape([policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, label])
+    w = jnp.ones_like(_f32(policy_logps)) if weight is None else _f32(weight)
+    kl_terms = _f32(policy_kl_logps) - _f32(ref_kl_logps)
+    kl = jnp.maximum(jnp.sum(w * kl_terms) / jnp.maximum(jnp.sum(w), 1.0), 0.0)
+    kl = jax.lax.stop_gradient(kl)
+    r = _f32(policy_logps) - _f32(ref_logps)
+    desirable = label.astype(bool)
+    losses = jnp.where(
+        desirable,
+        desirable_weight * jax.nn.sigmoid(-beta * (r - kl)),
+        undesirable_weight * jax.nn.sigmoid(-beta * (kl - r)),
+    ).astype(jnp.float32)
+    return losses, jax.lax.stop_gradient(beta * r), kl
 
 
 def token_logps(logits: jax.Array, labels: jax.Array) -> jax.Array:
