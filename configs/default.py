@@ -41,15 +41,42 @@ def get_config(preset: str | None = None):
         )
     )
 
-    # The synthetic task (tr_align/data/synthetic.py); vocab follows model.vocab_size.
+    # source: "synthetic" (the built-in task, tr_align/data/synthetic.py; vocab follows
+    # model.vocab_size) or real preference data (tr_align/data/pipeline.py): "files" (local
+    # JSON/JSONL/Parquet: path = a file, a glob or a list), "hub" (a Hugging Face dataset
+    # name) or "tfds" (a TensorFlow Datasets builder name; data_dir optional).
     c.data = ml_collections.ConfigDict(
         dict(
             source="synthetic",
+            # -- the synthetic task
             num_train=2048,
             num_eval=512,
             min_prompt_len=4,
             max_prompt_len=8,
             response_len=6,
+            # -- real data
+            path="",
+            format="generic",  # hh | tldr | ultrafeedback | generic | kto (unpaired)
+            # generic/kto: our field name -> the record's key
+            fields=dict(
+                prompt="prompt",
+                chosen="chosen",
+                rejected="rejected",
+                completion="completion",
+                label="label",
+            ),
+            split="train",
+            eval_split="",  # "" = hold out eval_fraction of `split` (seeded by train.seed)
+            eval_fraction=0.05,
+            data_dir="",  # tfds data_dir
+            tokenizer="",  # "" = model.pretrained's tokenizer; or an HF dir, .gguf, "smollm2"
+            max_length=1024,  # prompt + completion tokens (TRL's max_length)
+            max_prompt_length=512,  # over-long prompts keep their end; 0 = never truncate
+            buckets=(),  # padded lengths; () = powers of two from 64 up to max_length
+            group_by_length=False,  # batches of similar lengths (less padding)
+            group_window=16,  # batches per length-sorted window
+            on_bad_row="skip",  # skip (counted per reason) | error (names the first bad row)
+            cache_dir="",  # tokenized-data cache; "" = ~/.cache/tr_align/tokenized
         )
     )
 
@@ -80,10 +107,14 @@ def get_config(preset: str | None = None):
 
     c.loss = ml_collections.ConfigDict(
         dict(
-            type="sigmoid",  # any of tr_align.losses.LOSS_TYPES
+            # any of tr_align.losses.LOSS_TYPES (paired), or "kto" (unpaired KTO; paired data
+            # is split into desirable/undesirable examples)
+            type="sigmoid",
             beta=0.1,
             label_smoothing=0.0,
             discopop_tau=0.05,
+            desirable_weight=1.0,  # kto only
+            undesirable_weight=1.0,  # kto only
         )
     )
 

@@ -10,7 +10,7 @@ from tr_align.data import loader
 
 def _batches(built, config, n):
     it = loader.train_iterator(
-        built.train_arrays, batch_size=config.train.batch_size, seed=config.train.seed
+        built.data.train, batch_size=config.train.batch_size, seed=config.train.seed
     )
     return [next(it) for _ in range(n)]
 
@@ -154,6 +154,6 @@ def test_every_loss_type_trains_in_the_sharded_step(tiny_config, loss_type):
         np.testing.assert_allclose(metrics[0]["loss"], np.log(2.0), rtol=1e-6)
     zeros = tuple(np.zeros(config.data.num_eval, np.float32) for _ in range(2))
     evals, logps = loop._run_eval(
-        built.eval_step, state, built.eval_arrays, zeros, built.mesh, config.train.eval_batch_size
+        built.eval_step, state, built.data, zeros, built.mesh, config.train.eval_batch_size
     )
     assert np.isfinite(evals["eval/loss"]) and logps[0].shape == (config.data.num_eval,)

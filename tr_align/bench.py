@@ -30,7 +30,7 @@ def bench_mode(config, mode: str, *, steps: int, warmup: int, devices=None) -> d
     config.trust_region.update(trust_region.PRESETS[mode])
     built = loop.build(config, devices)
     it = loader.train_iterator(
-        built.train_arrays, batch_size=config.train.batch_size, seed=config.train.seed
+        built.data.train, batch_size=config.train.batch_size, seed=config.train.seed
     )
     batch = sharding.put_batch(next(it), built.mesh)
     state = built.init()

@@ -4,6 +4,8 @@ Commands:
   train   Train or resume a run:
           tr-align train --config=configs/default.py[:PRESET] --workdir=DIR [--config.KEY=VALUE ...]
           Rerunning with the same --workdir resumes from its newest checkpoint.
+  data inspect  Print the data report and a few tokenized examples (prompt masked) of a config:
+          tr-align data inspect --config=configs/hh_tiny.py [--num_examples=3]
   export  Write a run's trained policy (or reference) as a Hugging Face checkpoint:
           tr-align export --workdir=DIR --out=OUT [--which=policy|reference] [--step=N]
   generate  Complete prompts with a pretrained model (KV-cache decoding):
@@ -47,11 +49,15 @@ def _run_app(argv, command, body) -> None:
         if not any(a.startswith(("--verbosity", "-v")) for a in argv):
             logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         from tr_align.config import ConfigError
+        from tr_align.data.sources import DataError
 
         try:
             body()
         except ConfigError as e:
             print(f"tr-align: config error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except DataError as e:
+            print(f"tr-align: data error: {e}", file=sys.stderr)
             sys.exit(2)
         except FloatingPointError as e:
             print(f"tr-align: {e}", file=sys.stderr)
@@ -173,7 +179,31 @@ def _generate(argv) -> None:
     _run_app(argv, "generate", body)
 
 
-COMMANDS = {"train": _train, "export": _export, "generate": _generate, "bench": _bench}
+def _data(argv) -> None:
+    from absl import flags
+
+    if len(argv) < 3 or argv[2] != "inspect":
+        print("usage: tr-align data inspect --config=CONFIG [--num_examples=3]", file=sys.stderr)
+        sys.exit(2)
+    _define_config_flag()
+    flags.DEFINE_integer("num_examples", 3, "Tokenized training examples to print.")
+    FLAGS = flags.FLAGS
+
+    def body():
+        from tr_align.data import inspect
+
+        inspect.inspect(FLAGS.config, num_examples=FLAGS.num_examples)
+
+    _run_app([argv[0], "data"] + list(argv[3:]), "data inspect", body)
+
+
+COMMANDS = {
+    "train": _train,
+    "data": _data,
+    "export": _export,
+    "generate": _generate,
+    "bench": _bench,
+}
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,7 @@ value and what is allowed, e.g.
 from __future__ import annotations
 
 import math
+import os
 
 from tr_align import losses, optim, pretrained, sharding
 from tr_align.models import LlamaConfig
@@ -38,8 +39,24 @@ REQUIRED_KEYS = (
 )
 
 
+UNPAIRED_LOSSES = ("kto",)  # trained on unpaired data by tr_align.unpaired
+DATA_SOURCES = ("synthetic", "files", "hub", "tfds")
+
+
 class ConfigError(ValueError):
     """An invalid config value; the message names the key."""
+
+
+def load_config_file(path: str, preset: str | None = None):
+    """``get_config(preset)`` of a config file, loaded by path (as ``--config=PATH:PRESET``);
+    lets one recipe start from another."""
+    import importlib.util
+
+    name = "tr_align_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset) if preset else module.get_config()
 
 
 def _get(config, key):
@@ -85,10 +102,10 @@ def validate(config, num_devices: int) -> None:
     _check(_is_int(t.seed), "train.seed", t.seed, "must be an integer")
 
     _check(
-        lo.type in losses.LOSS_TYPES,
+        lo.type in losses.LOSS_TYPES + UNPAIRED_LOSSES,
         "loss.type",
         lo.type,
-        f"must be one of {', '.join(losses.LOSS_TYPES)}",
+        f"must be one of {', '.join(losses.LOSS_TYPES + UNPAIRED_LOSSES)}",
     )
     _check(_is_num(lo.beta) and lo.beta > 0, "loss.beta", lo.beta, "must be a number > 0")
     _check(
@@ -144,12 +161,7 @@ def validate(config, num_devices: int) -> None:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
 
-    _check(
-        config.data.source == "synthetic",
-        "data.source",
-        config.data.source,
-        "must be 'synthetic' (other sources: see the data pipeline issue)",
-    )
+    _validate_data(config)
 
     try:
         shape = sharding.mesh_shape(config.mesh, num_devices)
@@ -163,4 +175,64 @@ def validate(config, num_devices: int) -> None:
             key,
             v,
             f"must be divisible by the data-parallel size mesh.data*mesh.fsdp={dp}",
+        )
+
+
+def _validate_data(config) -> None:
+    d = config.data
+    _check(d.source in DATA_SOURCES, "data.source", d.source, f"must be one of {DATA_SOURCES}")
+    if d.source == "synthetic":
+        return
+    from tr_align.data import formats
+
+    for key in ("path", "format", "split", "max_length", "max_prompt_length", "on_bad_row"):
+        _get(config, f"data.{key}")
+    path = d.path
+    _check(
+        bool(path) and (isinstance(path, str) or all(isinstance(p, str) for p in path)),
+        "data.path",
+        path,
+        "must name a file/glob/list (files), a dataset (hub) or a builder (tfds)",
+    )
+    allowed = formats.PAIRED_FORMATS + formats.UNPAIRED_FORMATS
+    _check(d.format in allowed, "data.format", d.format, f"must be one of {allowed}")
+    _check(
+        _is_int(d.max_length) and d.max_length >= 2,
+        "data.max_length",
+        d.max_length,
+        "must be an integer >= 2",
+    )
+    _check(
+        _is_int(d.max_prompt_length) and 0 <= d.max_prompt_length < d.max_length,
+        "data.max_prompt_length",
+        d.max_prompt_length,
+        f"must be an integer in [0, data.max_length={d.max_length}) (0 = never truncate)",
+    )
+    _check(
+        d.on_bad_row in ("skip", "error"), "data.on_bad_row", d.on_bad_row, "must be skip or error"
+    )
+    if not d.get("eval_split"):
+        f = d.get("eval_fraction", 0)
+        _check(
+            _is_num(f) and 0 < f < 1,
+            "data.eval_fraction",
+            f,
+            "must be in (0, 1) when data.eval_split is empty",
+        )
+    buckets = tuple(d.get("buckets", ()) or ())
+    _check(
+        all(_is_int(b) and b >= 2 for b in buckets)
+        and (not buckets or max(buckets) >= d.max_length),
+        "data.buckets",
+        buckets,
+        f"must be integers >= 2 whose largest is >= data.max_length={d.max_length} (or empty)",
+    )
+    gw = d.get("group_window", 0)
+    _check(_is_int(gw) and gw >= 0, "data.group_window", gw, "must be an integer >= 0")
+    if d.format in formats.UNPAIRED_FORMATS:
+        _check(
+            config.loss.type in UNPAIRED_LOSSES,
+            "loss.type",
+            config.loss.type,
+            f"data.format={d.format!r} is unpaired: use loss.type='kto'",
         )

@@ -26,12 +26,12 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from tr_align import checkpoint, hf, optim, plotting, pretrained, sharding
+from tr_align import checkpoint, hf, optim, plotting, pretrained, sharding, train, unpaired
 from tr_align import config as config_lib
-from tr_align.data import loader, synthetic
+from tr_align.data import batching, loader, pipeline, tokenize
 from tr_align.metrics import MetricWriter
 from tr_align.models import count_params
-from tr_align.train import compile_eval_step, compile_train_step, init_state
+from tr_align.train import init_state
 
 MODEL_CONFIG_FILE = "model_config.json"  # the policy's Hugging Face config.json, for export
 
@@ -69,20 +69,21 @@ def _check_finite(step, metrics, last_ckpt):
         )
 
 
-def _run_eval(p_eval, state, eval_arrays, init_logps, mesh, batch_size):
+def _run_eval(p_eval, state, data, init_logps, mesh, batch_size):
     """Weighted means of the eval metrics over the whole held-out set, plus policy log-probs.
 
-    ``init_logps`` = (chosen, rejected) log-probs of the initial policy on the eval set.
+    ``data``: the ``pipeline.Data``; ``init_logps`` = the initial policy's (chosen, rejected)
+    log-probs on the eval set (unpaired: (completion, KL row)).
     """
-    arrays = {
-        **eval_arrays,
-        "init_chosen_logps": init_logps[0],
-        "init_rejected_logps": init_logps[1],
-    }
     pi, pc = jax.process_index(), jax.process_count()
     local = batch_size // pc
     totals, weight_sum, logps = {}, 0.0, ([], [])
-    for batch in loader.eval_batches(arrays, batch_size):
+    n = len(data.eval)
+    batches = loader.eval_batches(data.eval, batch_size, buckets=data.buckets, pad_id=data.pad_id)
+    for start, batch in zip(range(0, n, batch_size), batches):
+        idx = np.minimum(np.arange(start, start + batch_size), n - 1)
+        batch["init_chosen_logps"] = init_logps[0][idx]
+        batch["init_rejected_logps"] = init_logps[1][idx]
         host = {k: v[pi * local : (pi + 1) * local] for k, v in batch.items()}
         metrics, pol_logps = p_eval(state, sharding.put_batch(host, mesh))
         w = float(batch["weight"].sum())
@@ -110,19 +111,43 @@ class Built:
     init: Callable  # () -> TrainState, born sharded
     train_step: Callable  # jitted, donates the state
     eval_step: Callable
-    train_arrays: dict
-    eval_arrays: dict
+    data: pipeline.Data  # tokenized train/eval sets, buckets, data report
 
 
-def build(config, devices=None) -> Built:
+def load_data(config, model_config, *, progress: bool = True) -> pipeline.Data:
+    """The run's train/eval data (``config.data``); raises DataError/ConfigError on bad input."""
+    if config.data.source == "synthetic":
+        data = pipeline.synthetic_data(
+            config.data, vocab_size=model_config.vocab_size, seed=config.train.seed
+        )
+        if config.loss.type in pipeline.UNPAIRED_LOSSES:
+            data = dataclasses.replace(
+                data, train=tokenize.unpair(data.train), eval=tokenize.unpair(data.eval)
+            )
+        return data
+    source = config.data.tokenizer or config.model.get("pretrained", "")
+    if not source:
+        raise config_lib.ConfigError(
+            "data.tokenizer='': a model trained from scratch needs data.tokenizer (a Hugging "
+            "Face tokenizer directory, a .gguf file or 'smollm2') to tokenize real data"
+        )
+    tokenizer = pretrained.load_tokenizer(source)
+    if len(tokenizer) > model_config.vocab_size:
+        raise config_lib.ConfigError(
+            f"data.tokenizer={source!r}: its {len(tokenizer)} tokens exceed the model's "
+            f"vocab_size={model_config.vocab_size}"
+        )
+    return pipeline.load(config, tokenizer, progress=progress)
+
+
+def build(config, devices=None, *, progress: bool = True) -> Built:
     """Validates ``config`` and builds mesh, model, data, optimizer and compiled steps."""
     devices = jax.devices() if devices is None else list(devices)
     config_lib.validate(config, len(devices))
     mesh = sharding.make_mesh(config.mesh, devices)
     model_config, init_fn, apply_fn, params = pretrained.load(config.model)
-    train_arrays, eval_arrays = synthetic.train_and_eval(
-        config.data, vocab_size=model_config.vocab_size, seed=config.train.seed
-    )
+    data = load_data(config, model_config, progress=progress)
+    steps = train if data.paired else unpaired
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps)
     rng = jax.random.PRNGKey(config.train.seed)
     make_state = functools.partial(init_state, init_fn=init_fn, tx=tx)
@@ -137,7 +162,7 @@ def build(config, devices=None) -> Built:
         abstract_state=abstract,
         state_shardings=shardings,
         init=lambda: jax.jit(make_state, out_shardings=shardings)(rng, params),
-        train_step=compile_train_step(
+        train_step=steps.compile_train_step(
             mesh,
             shardings,
             apply_fn=apply_fn,
@@ -146,9 +171,8 @@ def build(config, devices=None) -> Built:
             loss_cfg=config.loss,
             tr_cfg=config.trust_region,
         ),
-        eval_step=compile_eval_step(mesh, shardings, apply_fn=apply_fn, loss_cfg=config.loss),
-        train_arrays=train_arrays,
-        eval_arrays=eval_arrays,
+        eval_step=steps.compile_eval_step(mesh, shardings, apply_fn=apply_fn, loss_cfg=config.loss),
+        data=data,
     )
 
 
@@ -169,11 +193,16 @@ def run(
       A summary dict (also written to ``workdir/summary.json``).
     """
     t_start = time.time()
-    built = build(config, devices)  # validates the config before anything is written
-    mesh = built.mesh
     is_main = jax.process_index() == 0
+    # validates the config and reads all data before anything is written
+    built = build(config, devices, progress=progress and is_main)
+    mesh = built.mesh
+    data = built.data
     os.makedirs(workdir, exist_ok=True)
     if is_main:
+        print(pipeline.describe(data.report), flush=True)
+        with open(os.path.join(workdir, "data.json"), "w", encoding="utf-8") as f:
+            json.dump(data.report, f, indent=2)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json(indent=2))
         with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -181,9 +210,12 @@ def run(
 
     total = config.train.steps
     data_it = loader.train_iterator(
-        built.train_arrays,
+        data.train,
         batch_size=config.train.batch_size,
         seed=config.train.seed,
+        buckets=data.buckets,
+        pad_id=data.pad_id,
+        group_window=config.data.group_window if config.data.get("group_by_length") else 0,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -202,14 +234,14 @@ def run(
     evaluate = functools.partial(
         _run_eval,
         built.eval_step,
-        eval_arrays=built.eval_arrays,
+        data=data,
         mesh=mesh,
         batch_size=config.train.eval_batch_size,
     )
 
     writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
     if init_logps is None:
-        zeros = tuple(np.zeros(config.data.num_eval, np.float32) for _ in range(2))
+        zeros = tuple(np.zeros(len(data.eval), np.float32) for _ in range(2))
         eval_metrics, init_logps = evaluate(state, init_logps=zeros)
         eval_metrics = {k: v for k, v in eval_metrics.items() if "init_rewards" not in k}
         writer.write(0, eval_metrics)
@@ -236,11 +268,11 @@ def run(
         nonlocal pending, last
         if pending is None:
             return
-        step, m = pending
+        step, m, host = pending
         pending = None
         m = jax.device_get(m)
         _check_finite(step, m, last_ckpt)
-        last = {k: float(v) for k, v in m.items()}
+        last = {**{k: float(v) for k, v in m.items()}, **host}
         writer.write(step, last)
         postfix.update(
             loss=f"{last['loss']:.4f}",
@@ -263,11 +295,15 @@ def run(
             ) as bar,
         ):
             for step in range(start + 1, end + 1):
-                batch = sharding.put_batch(next(data_it), mesh)
-                state, m = built.train_step(state, batch)
+                host_batch = next(data_it)
+                state, m = built.train_step(state, sharding.put_batch(host_batch, mesh))
                 flush()  # the previous step's metrics, fetched while this step runs
                 if step % config.train.log_every_steps == 0 or step == end:
-                    pending = (step, m)
+                    host = {  # this process's rows; the same bucket on every process
+                        "data/padding_efficiency": batching.padding_efficiency(host_batch),
+                        "data/length": host_batch[next(iter(host_batch))].shape[1],
+                    }
+                    pending = (step, m, host)
                 bar.update(1)
                 final = step == end or stop.requested
                 if step % config.train.eval_every_steps == 0 or step == total:

@@ -1,0 +1,392 @@
+"""Tokenization, truncation, bucketing, batch order, bad rows, exact resume and end-to-end
+training on the real-format fixtures (tests/fixtures/data, tests/fixtures/tokenizer)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import REPO, load_default_config
+from tr_align import config as config_lib
+from tr_align import loop, losses, sharding
+from tr_align.data import batching, loader, pipeline, tokenize
+from tr_align.data.formats import BadRow
+from tr_align.data.sources import DataError
+
+FIXTURES = REPO / "tests" / "fixtures"
+DATA = FIXTURES / "data"
+TOKENIZER = str(FIXTURES / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(TOKENIZER)
+
+
+def data_config(tmp_path, fmt="hh", file="hh.jsonl", **overrides):
+    """A tiny model (vocab 384 = the fixture tokenizer) on a real-format fixture."""
+    c = load_default_config()
+    c.model.vocab_size = 384
+    c.model.max_position_embeddings = 256
+    c.data.update(
+        dict(
+            source="files",
+            path=str(DATA / file),
+            format=fmt,
+            tokenizer=TOKENIZER,
+            max_length=128,
+            max_prompt_length=96,
+            buckets=(128,),
+            eval_fraction=0.25,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )
+    c.train.update(dict(steps=4, batch_size=2, eval_batch_size=2, eval_every_steps=2))
+    c.checkpoint.every_steps = 2
+    c.optimizer.warmup_steps = 1
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+# --- tokenization and truncation ------------------------------------------------------------
+
+
+def test_truncation_follows_trls_classic_rule():
+    p, c, r = list(range(10)), [1] * 6, [2] * 3
+    # fits: unchanged
+    assert tokenize.truncate(p, [c, r], max_length=16, max_prompt_length=4) == (p, [c, r])
+    # too long: the prompt keeps its last 4 tokens, then fits (4 + 6 <= 12)
+    assert tokenize.truncate(p, [c, r], max_length=12, max_prompt_length=4) == (
+        [6, 7, 8, 9],
+        [c, r],
+    )
+    # still too long: completions keep their first max_length - len(prompt) = 3 tokens
+    assert tokenize.truncate(p, [c, r], max_length=7, max_prompt_length=4) == (
+        [6, 7, 8, 9],
+        [[1, 1, 1], [2, 2, 2]],
+    )
+    with pytest.raises(BadRow) as e:  # no prompt truncation: no room for a completion
+        tokenize.truncate(p, [c, r], max_length=10, max_prompt_length=0)
+    assert e.value.reason == "prompt_too_long"
+
+
+def test_plain_text_tokens_and_eos(tok):
+    ex = {"prompt": "The capital of France", "chosen": " is Paris.", "rejected": " is Lyon."}
+    data, bad, _ = tokenize.tokenize([ex], tok, max_length=64, max_prompt_length=32)
+    assert not bad
+    assert list(data.prompt[0]) == tok("The capital of France").input_ids
+    eos = tok.eos_token_id
+    assert list(data.chosen[0]) == tok(" is Paris.", add_special_tokens=False).input_ids + [eos]
+    assert list(data.rejected[0]) == tok(" is Lyon.", add_special_tokens=False).input_ids + [eos]
+
+
+def test_chat_template_split_and_single_eos(tok):
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    ex = {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "Paris."}],
+        "rejected": [{"role": "assistant", "content": "Lyon."}],
+    }
+    data, _, _ = tokenize.tokenize([ex], tok, max_length=64, max_prompt_length=32)
+    # hand-written ChatML text of the fixture template
+    p_text = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(data.prompt[0]) == p_text
+    assert tok.decode(data.chosen[0]) == "Paris.<|im_end|>"
+    assert list(data.chosen[0]).count(tok.eos_token_id) == 1
+
+
+def test_tokenization_is_cached(tok, tmp_path):
+    exs = [{"prompt": f"Question {i}", "chosen": " yes", "rejected": " no"} for i in range(5)]
+    kw = dict(max_length=32, max_prompt_length=16, cache_dir=str(tmp_path), progress=False)
+    a, _, s1 = tokenize.tokenize_cached(exs, tok, **kw)
+    b, _, s2 = tokenize.tokenize_cached(exs, tok, **kw)
+    assert not s1["cached"] and s2["cached"]
+    for x, y in zip(a.completions() + (a.prompt,), b.completions() + (b.prompt,)):
+        np.testing.assert_array_equal(x.values, y.values)
+        np.testing.assert_array_equal(x.offsets, y.offsets)
+    _, _, s3 = tokenize.tokenize_cached(exs, tok, **{**kw, "max_length": 31})
+    assert not s3["cached"]  # other settings, other cache entry
+
+
+# --- batching --------------------------------------------------------------------------------
+
+
+def _toy_set(lengths, completion=3):
+    p = [list(range(1, n - completion + 1)) for n in lengths]
+    return tokenize.TokenizedSet(
+        prompt=tokenize.Ragged.from_lists(p),
+        chosen=tokenize.Ragged.from_lists([[7] * completion] * len(lengths)),
+        rejected=tokenize.Ragged.from_lists([[8] * completion] * len(lengths)),
+    )
+
+
+def test_batches_are_padded_to_the_smallest_bucket_with_exact_masks():
+    lengths = [5, 9, 17, 33, 6, 7, 40, 8]
+    data = _toy_set(lengths)
+    buckets = (8, 16, 32, 64)
+    order = batching.epoch_batches(data.lengths, 2, seed=3, epoch=0)
+    assert sorted(order.ravel().tolist()) == list(range(8))  # an epoch is a permutation
+    for idx in order:
+        b = batching.make_batch(data, idx, buckets=buckets, pad_id=0)
+        longest = max(lengths[i] for i in idx)
+        assert b["chosen_input_ids"].shape == (2, min(x for x in buckets if x >= longest))
+        for row, i in enumerate(idx):
+            n = lengths[i]
+            assert b["chosen_attention_mask"][row].tolist() == [1] * n + [0] * (
+                b["chosen_input_ids"].shape[1] - n
+            )
+            assert b["chosen_loss_mask"][row, : n - 3].sum() == 0
+            assert b["chosen_loss_mask"][row].sum() == 3 and b["chosen_input_ids"][row, n - 1] == 7
+
+
+def test_length_grouping_pads_less_and_hosts_split_one_global_batch():
+    rng = np.random.default_rng(0)
+    data = _toy_set(rng.integers(4, 120, size=256).tolist())
+    buckets = batching.default_buckets(128, smallest=16)
+    plain = batching.epoch_padding_efficiency(data, 2, buckets=buckets)
+    grouped = batching.epoch_padding_efficiency(data, 2, buckets=buckets, group_window=8)
+    single = batching.epoch_padding_efficiency(data, 2, buckets=(128,))
+    assert single < plain < grouped
+    # hand value for one bucket: real tokens / (128 * rows), over the epoch's rows
+    rows = batching.epoch_batches(data.lengths, 2, 0, 0).ravel()
+    np.testing.assert_allclose(single, data.lengths[rows].sum() / (128 * len(rows)))
+    idx = np.arange(16, 24)
+    full = batching.make_batch(data, idx, buckets=buckets, pad_id=0)
+    parts = [
+        batching.make_batch(data, idx, buckets=buckets, pad_id=0, process_index=i, process_count=2)
+        for i in range(2)
+    ]
+    for k, v in full.items():
+        np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), v)
+
+
+def test_epochs_reshuffle_and_the_iterator_resumes_exactly():
+    data = _toy_set([5, 6, 7, 8, 9, 10, 11, 12, 13, 14])
+    it = loader.train_iterator(data, batch_size=4, seed=1, buckets=(16,))
+    batches = [next(it)["chosen_input_ids"] for _ in range(6)]  # 3 epochs of 2 batches
+    assert not np.array_equal(batches[0], batches[2])  # a new permutation per epoch
+    it2 = loader.train_iterator(data, batch_size=4, seed=1, buckets=(16,))
+    for _ in range(3):
+        next(it2)
+    state = it2.get_state()
+    it3 = loader.train_iterator(data, batch_size=4, seed=1, buckets=(16,))
+    it3.set_state(json.loads(json.dumps(state)))
+    for b in batches[3:]:
+        np.testing.assert_array_equal(next(it3)["chosen_input_ids"], b)
+
+
+def test_unpaired_kl_rows_pair_each_prompt_with_the_previous_completion():
+    data = tokenize.unpair(_toy_set([5, 6, 7]))
+    assert data.label.tolist() == [1, 1, 1, 0, 0, 0]
+    idx = np.array([0, 4, 2, 3])
+    b = batching.make_batch(data, idx, buckets=(8,), pad_id=0)
+    for row, (i, j) in enumerate(zip(idx, np.roll(idx, 1))):
+        p, c = list(data.prompt[i]), list(data.completion[j])
+        assert b["kl_input_ids"][row, : len(p) + len(c)].tolist() == p + c
+        assert b["kl_loss_mask"][row].sum() == len(c)
+    assert b["label"].tolist() == [1, 0, 1, 0]
+
+
+def test_kto_loss_labeled_matches_kto_loss():
+    rng = np.random.default_rng(0)
+    pol, ref, pkl, rkl = (rng.normal(size=6).astype(np.float32) for _ in range(4))
+    label = np.array([1, 0, 0, 1, 1, 0])
+    got, rewards, kl = losses.kto_loss_labeled(
+        pol, ref, pkl, rkl, label, beta=0.3, desirable_weight=1.5, undesirable_weight=0.7
+    )
+    d, u = label == 1, label == 0
+    want, cr, rr, want_kl = losses.kto_loss(
+        pol[d],
+        pol[u],
+        pkl,
+        ref[d],
+        ref[u],
+        rkl,
+        beta=0.3,
+        desirable_weight=1.5,
+        undesirable_weight=0.7,
+    )
+    np.testing.assert_allclose(np.sort(np.asarray(got)), np.sort(np.asarray(want)), rtol=1e-6)
+    np.testing.assert_allclose(float(np.mean(got)), float(np.mean(want)), rtol=1e-6)
+    np.testing.assert_allclose(kl, want_kl, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(rewards)[d], cr, rtol=1e-6)
+
+
+# --- bad rows and errors ----------------------------------------------------------------------
+
+
+def test_bad_rows_are_skipped_and_counted(tmp_path, tok):
+    c = data_config(tmp_path, "generic", "bad_rows.jsonl", **{"data.eval_fraction": 0.2})
+    data = pipeline.load(c, tok, progress=False)
+    bad = data.report["bad_rows"]
+    total = {}
+    for split in bad.values():
+        for k, v in split.items():
+            total[k] = total.get(k, 0) + v
+    assert total == {"missing_field": 1, "empty_completion": 1, "identical_pair": 1}
+    assert data.report["train_examples"] + data.report["eval_examples"] == 3
+
+
+def test_bad_row_error_names_the_record(tmp_path, tok):
+    c = data_config(tmp_path, "generic", "bad_rows.jsonl", **{"data.on_bad_row": "error"})
+    with pytest.raises(DataError, match=r"bad_rows\.jsonl:2: bad row \(missing_field\)"):
+        pipeline.load(c, tok, progress=False)
+
+
+def test_prompt_too_long_is_a_bad_row(tmp_path, tok):
+    c = data_config(
+        tmp_path, **{"data.max_length": 60, "data.max_prompt_length": 0, "data.buckets": ()}
+    )
+    data = pipeline.load(c, tok, progress=False)
+    n = sum(d.get("prompt_too_long", 0) for d in data.report["bad_rows"].values())
+    # prompts of 101, 148 and 787 tokens (of 18..787) leave no room within 60 tokens
+    assert n == 3 and data.report["train_examples"] + data.report["eval_examples"] == 5
+    c.data.on_bad_row = "error"
+    with pytest.raises(DataError, match=r"hh\.jsonl:\d+: bad row \(prompt_too_long\)"):
+        pipeline.load(c, tok, progress=False)
+
+
+def test_data_config_errors_name_the_key(tmp_path):
+    for key, value, msg in [
+        ("data.source", "s3", "data.source='s3'"),
+        ("data.format", "csv", "data.format='csv'"),
+        ("data.max_prompt_length", 128, "data.max_prompt_length=128"),
+        ("data.buckets", (32, 64), "data.buckets=(32, 64)"),
+        ("loss.type", "sigmoid", None),
+    ]:
+        c = data_config(tmp_path, **{key: value})
+        if msg is None:
+            continue
+        with pytest.raises(
+            config_lib.ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")
+        ):
+            config_lib.validate(c, 1)
+    c = data_config(tmp_path, "kto", "kto.jsonl")
+    with pytest.raises(config_lib.ConfigError, match="loss.type='sigmoid'.*unpaired"):
+        config_lib.validate(c, 1)
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+FORMATS = [
+    ("hh", "hh.jsonl", "sigmoid"),
+    ("tldr", "tldr.jsonl", "ipo"),
+    ("ultrafeedback", "ultrafeedback.parquet", "sigmoid"),
+    ("generic", "generic.json", "sigmoid"),
+    ("generic", "generic_chat.jsonl", "sigmoid"),
+    ("kto", "kto.jsonl", "kto"),
+    ("hh", "hh.jsonl", "kto"),  # paired data split into desirable/undesirable examples
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,file,loss_type", FORMATS)
+def test_every_format_trains_end_to_end(tmp_path, fmt, file, loss_type):
+    overrides = {"loss.type": loss_type}
+    if fmt == "generic" and file == "generic.json":
+        overrides["data.fields"] = dict(
+            prompt="question",
+            chosen="answer_good",
+            rejected="answer_bad",
+            completion="completion",
+            label="label",
+        )
+    c = data_config(tmp_path, fmt, file, **overrides)
+    built = loop.build(c, devices=jax.devices()[:1], progress=False)
+    state = built.init()
+    it = loader.train_iterator(
+        built.data.train,
+        batch_size=2,
+        seed=0,
+        buckets=built.data.buckets,
+        pad_id=built.data.pad_id,
+    )
+    first = jax.tree.map(np.asarray, state.params)
+    for _ in range(2):
+        state, m = built.train_step(state, sharding.put_batch(next(it), built.mesh))
+        assert np.isfinite(float(m["loss"]))
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params, first)
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+@pytest.mark.slow
+def test_resume_with_data_position_is_exact(tmp_path):
+    """Length-grouped batches in several buckets: a run stopped at step 3 (mid-epoch) and
+    resumed equals a straight run, batch for batch."""
+    c = data_config(
+        tmp_path,
+        **{
+            "data.buckets": (48, 64, 96, 128),
+            "train.steps": 6,
+            "data.group_by_length": True,
+            "data.group_window": 3,
+            "checkpoint.every_steps": 3,
+            "train.eval_every_steps": 6,
+        },
+    )
+    straight = loop.run(c, str(tmp_path / "a"), progress=False, devices=jax.devices()[:1])
+    loop.run(c, str(tmp_path / "b"), progress=False, devices=jax.devices()[:1], stop_at_step=3)
+    resumed = loop.run(c, str(tmp_path / "b"), progress=False, devices=jax.devices()[:1])
+    read = lambda d: [json.loads(x) for x in open(d / "metrics.jsonl")]  # noqa: E731
+    a = [r for r in read(tmp_path / "a") if "loss" in r]
+    b = [r for r in read(tmp_path / "b") if "loss" in r]
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["data/length"] for r in a] == [r["data/length"] for r in b]
+    assert len({r["data/length"] for r in a}) > 1  # several buckets were used
+    assert straight["train"]["loss"] == resumed["train"]["loss"]
+    report = json.load(open(tmp_path / "a" / "data.json"))
+    assert report["train_examples"] == 6 and report["buckets"] == [48, 64, 96, 128]
+
+
+ONE_DEVICE = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+
+
+def test_data_inspect_shows_the_masked_prompt(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tr_align",
+            "data",
+            "inspect",
+            f"--config={REPO / 'configs' / 'hh_tiny.py'}",
+            f"--config.data.cache_dir={tmp_path}",
+            "--num_examples=2",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ONE_DEVICE,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "6 train / 2 eval examples" in out.stdout and "padding efficiency" in out.stdout
+    assert out.stdout.count("[[prompt: <|im_start|>user") == 4  # 2 examples x chosen, rejected
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tr_align",
+            "data",
+            "inspect",
+            f"--config={REPO / 'configs' / 'hh_tiny.py'}",
+            "--config.data.format=csv",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ONE_DEVICE,
+    )
+    assert bad.returncode == 2 and "config error: data.format='csv'" in bad.stderr
