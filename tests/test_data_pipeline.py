@@ -381,7 +381,8 @@ def test_data_inspect_shows_the_masked_prompt(tmp_path):
             "data",
             "inspect",
             f"--config={REPO / 'configs' / 'hh_tiny.py'}",
-            "--config.data.format=csv",
+            f"--config.data.path={DATA / 'bad_json.jsonl'}",
+            "--config.data.format=generic",
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -389,4 +390,6 @@ def test_data_inspect_shows_the_masked_prompt(tmp_path):
         timeout=300,
         env=ONE_DEVICE,
     )
-    assert bad.returncode == 2 and "config error: data.format='csv'" in bad.stderr
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("tr-align: data error: ")
+    assert "bad_json.jsonl:3: " in bad.stderr

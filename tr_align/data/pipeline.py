@@ -167,6 +167,7 @@ def load(config, tokenizer, *, progress: bool = True) -> Data:
         "lengths": _length_stats(train),
         "tokenization": train_stats,
         "buckets": list(buckets),
+        "epochs": round(config.train.steps * batch / len(train), 2),
         "padding_efficiency": {
             "one_bucket": round(
                 batching.epoch_padding_efficiency(train, batch, buckets=(cfg.max_length,)), 4
@@ -191,7 +192,8 @@ def describe(report: dict) -> str:
         return f"data: synthetic task, {report['train_examples']} training pairs"
     lines = [
         f"data: {report['path']} ({report['format']}): {report['train_examples']} train / "
-        f"{report['eval_examples']} eval examples from {report['records_read']} records"
+        f"{report['eval_examples']} eval examples from {report['records_read']} records; "
+        f"train.steps covers {report['epochs']} epochs"
     ]
     for split, c in report["bad_rows"].items():
         if c:
