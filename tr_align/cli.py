@@ -4,6 +4,10 @@ Commands:
   train   Train or resume a run:
           tr-align train --config=configs/default.py[:PRESET] --workdir=DIR [--config.KEY=VALUE ...]
           Rerunning with the same --workdir resumes from its newest checkpoint.
+  sft     Supervised fine-tuning on the chosen completions (train with loss.type=sft); export
+          the result and start alignment from it with --config.model.pretrained=EXPORT_DIR:
+          tr-align sft --config=configs/hh_tiny.py --workdir=runs/sft
+          tr-align export --workdir=runs/sft --out=runs/sft/hf
   data inspect  Print the data report and a few tokenized examples (prompt masked) of a config:
           tr-align data inspect --config=configs/hh_tiny.py [--num_examples=3]
   export  Write a run's trained policy (or reference) as a Hugging Face checkpoint:
@@ -66,7 +70,7 @@ def _run_app(argv, command, body) -> None:
     app.run(main, argv=[f"{argv[0]} {command}"] + list(argv[2:]))
 
 
-def _train(argv) -> None:
+def _train(argv, command="train") -> None:
     from absl import flags
 
     _define_config_flag()
@@ -81,9 +85,15 @@ def _train(argv) -> None:
     def body():
         from tr_align import loop
 
+        if command == "sft":
+            FLAGS.config.loss.type = "sft"
         loop.run(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step)
 
-    _run_app(argv, "train", body)
+    _run_app(argv, command, body)
+
+
+def _sft(argv) -> None:
+    _train(argv, "sft")
 
 
 def _bench(argv) -> None:
@@ -199,6 +209,7 @@ def _data(argv) -> None:
 
 COMMANDS = {
     "train": _train,
+    "sft": _sft,
     "data": _data,
     "export": _export,
     "generate": _generate,

@@ -40,6 +40,7 @@ REQUIRED_KEYS = (
 
 
 UNPAIRED_LOSSES = ("kto",)  # trained on unpaired data by tr_align.unpaired
+SFT_LOSSES = ("sft",)  # next-token loss on the chosen completions (tr_align.sft)
 DATA_SOURCES = ("synthetic", "files", "hub", "tfds")
 
 
@@ -102,10 +103,10 @@ def validate(config, num_devices: int) -> None:
     _check(_is_int(t.seed), "train.seed", t.seed, "must be an integer")
 
     _check(
-        lo.type in losses.LOSS_TYPES + UNPAIRED_LOSSES,
+        lo.type in losses.LOSS_TYPES + UNPAIRED_LOSSES + SFT_LOSSES,
         "loss.type",
         lo.type,
-        f"must be one of {', '.join(losses.LOSS_TYPES + UNPAIRED_LOSSES)}",
+        f"must be one of {', '.join(losses.LOSS_TYPES + UNPAIRED_LOSSES + SFT_LOSSES)}",
     )
     _check(_is_num(lo.beta) and lo.beta > 0, "loss.beta", lo.beta, "must be a number > 0")
     _check(

@@ -26,7 +26,7 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from tr_align import checkpoint, hf, optim, plotting, pretrained, sharding, train, unpaired
+from tr_align import checkpoint, hf, optim, plotting, pretrained, sft, sharding, train, unpaired
 from tr_align import config as config_lib
 from tr_align.data import batching, loader, pipeline, tokenize
 from tr_align.metrics import MetricWriter
@@ -147,7 +147,15 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
     mesh = sharding.make_mesh(config.mesh, devices)
     model_config, init_fn, apply_fn, params = pretrained.load(config.model)
     data = load_data(config, model_config, progress=progress)
-    steps = train if data.paired else unpaired
+    if config.loss.type == "sft":
+        if not data.paired:
+            raise config_lib.ConfigError(
+                "loss.type='sft' trains on the chosen completions of paired data; "
+                f"data.format={config.data.format!r} is unpaired"
+            )
+        steps = sft
+    else:
+        steps = train if data.paired else unpaired
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps)
     rng = jax.random.PRNGKey(config.train.seed)
     make_state = functools.partial(init_state, init_fn=init_fn, tx=tx)
@@ -249,6 +257,8 @@ def run(
 
     tr = config.trust_region
     mode = f"TR alpha={tr.alpha} tau={tr.tau}" if tr.enabled else "frozen reference"
+    if config.loss.type == "sft":
+        mode = "no reference"
     if is_main:
         n = count_params(built.abstract_state.params)
         print(
@@ -274,11 +284,10 @@ def run(
         _check_finite(step, m, last_ckpt)
         last = {**{k: float(v) for k, v in m.items()}, **host}
         writer.write(step, last)
-        postfix.update(
-            loss=f"{last['loss']:.4f}",
-            acc=f"{last['rewards/accuracies']:.2f}",
-            ref_updates=int(last["ref/updates"]),
-        )
+        postfix["loss"] = f"{last['loss']:.4f}"
+        if "rewards/accuracies" in last:  # preference losses (not sft)
+            postfix["acc"] = f"{last['rewards/accuracies']:.2f}"
+            postfix["ref_updates"] = int(last["ref/updates"])
         bar.set_postfix(postfix, refresh=False)
 
     eval_metrics = {}
@@ -349,19 +358,25 @@ def _print_summary(s, workdir, *, interrupted):
     ]
     ev = s["eval"]
     if ev:
+        vs_ref = (
+            f"vs current reference: {ev['eval/rewards/accuracies']:.3f}   "
+            if "eval/rewards/accuracies" in ev
+            else ""
+        )
         lines.append(
             f"  held-out reward accuracy vs initial policy: "
-            f"{ev['eval/init_rewards/accuracies']:.3f}   "
-            f"vs current reference: {ev['eval/rewards/accuracies']:.3f}   "
+            f"{ev['eval/init_rewards/accuracies']:.3f}   {vs_ref}"
             f"held-out loss: {ev['eval/loss']:.4f}"
         )
-    if s["train"]:
-        tr = s["train"]
+    tr = s["train"]
+    if tr and "rewards/accuracies" in tr:
         lines.append(
             f"  last train step: loss {tr['loss']:.4f}, reward accuracy "
             f"{tr['rewards/accuracies']:.2f}, margin {tr['rewards/margins']:.3f}, "
             f"reference updates {int(tr['ref/updates'])}"
         )
+    elif tr:
+        lines.append(f"  last train step: loss {tr['loss']:.4f}")
     lines.append(
         f"  outputs in {workdir}: metrics.jsonl, tb/, summary.png, summary.json, checkpoints/"
     )
