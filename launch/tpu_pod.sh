@@ -18,11 +18,13 @@
 #   --spot                   create a Spot VM (preemptible; rerun this script to resume)
 #   --repo URL [--branch B]  git clone the code on every worker instead of copying this checkout
 #   --config FILE            training config, relative to the repo (default configs/default.py)
-#   --bucket BUCKET          mount gs://BUCKET with Cloud Storage FUSE at ~/gcs on every worker;
-#                            the default workdir is then ~/gcs/tr_align/NAME (else ~/runs/NAME);
+#   --bucket BUCKET          mount gs://BUCKET with Cloud Storage FUSE at /mnt/gcs on every
+#                            worker; the default workdir is then /mnt/gcs/tr_align/NAME (else
+#                            ~/runs/NAME, fine for a single-host slice);
 #                            the VM's service account needs write access to the bucket
 #   --workdir DIR            run directory, the same path on every worker; a multi-host slice
-#                            needs one all workers see (the --bucket mount, an NFS share)
+#                            needs one all workers see (the --bucket mount, an NFS share):
+#                            tr-align writes it with local file APIs, so not a gs:// URL
 #   --delete                 delete the TPU VM when training ends
 #   --dry-run                print the commands, run nothing
 #   -- ARGS...               passed on to `tr-align train` (e.g. --config.train.steps=1000)
@@ -97,7 +99,7 @@ if [[ -z "$VERSION" ]]; then
 fi
 if [[ -z "$WORKDIR" ]]; then
   # $HOME is expanded on the workers.
-  if [[ -n "$BUCKET" ]]; then WORKDIR="\$HOME/gcs/tr_align/$NAME"; else WORKDIR="\$HOME/runs/$NAME"; fi
+  if [[ -n "$BUCKET" ]]; then WORKDIR="/mnt/gcs/tr_align/$NAME"; else WORKDIR="\$HOME/runs/$NAME"; fi
 fi
 
 GCLOUD=(gcloud compute tpus tpu-vm)
@@ -131,7 +133,7 @@ fi
 # 3. Install (libtpu comes with jax[tpu]); optionally mount the bucket.
 on_all "cd $REMOTE_DIR && python3 -m pip install -q -U pip && python3 -m pip install -q -e . \"jax[tpu]\""
 if [[ -n "$BUCKET" ]]; then
-  on_all "command -v gcsfuse >/dev/null || { echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }; mkdir -p ~/gcs && { mountpoint -q ~/gcs || gcsfuse --implicit-dirs $BUCKET ~/gcs; }"
+  on_all "command -v gcsfuse >/dev/null || { echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }; mountpoint -q /mnt/gcs || { sudo mkdir -p /mnt/gcs && sudo chown \$(id -u):\$(id -g) /mnt/gcs && gcsfuse --implicit-dirs $BUCKET /mnt/gcs; }"
 fi
 
 # 4. The same command on every worker (jax joins them into one job); rerun to resume.

@@ -78,7 +78,7 @@ def test_tpu_pod_dry_run_prints_create_copy_install_and_train_on_all_workers(tmp
     assert all(c[5:8] == [*where, "--worker=all"] for c in ssh)
     remote = [c[8].removeprefix("--command=") for c in ssh]
     assert "pip install -q -e . " in remote[1] and "jax[tpu]" in remote[1]
-    assert "gcsfuse --implicit-dirs my-bucket ~/gcs" in remote[2]
+    assert "gcsfuse --implicit-dirs my-bucket /mnt/gcs" in remote[2]
     train = shlex.split(remote[3].split(" && ", 1)[1].split(" 2>&1 ")[0])
     assert train == [
         "python3",
@@ -86,7 +86,7 @@ def test_tpu_pod_dry_run_prints_create_copy_install_and_train_on_all_workers(tmp
         "tr_align",
         "train",
         "--config=configs/default.py",
-        "--workdir=$HOME/gcs/tr_align/trx",
+        "--workdir=/mnt/gcs/tr_align/trx",
         "--config.train.steps=10",
         "--config.loss.type=ipo",
     ]

@@ -262,7 +262,8 @@ def _plan_environment(argv) -> None:
     """Before jax starts: ``plan --devices=N`` needs N CPU devices, ``plan --tpu=...`` only
     the CPU backend (the TPU compiler is reached through libtpu's topology description).
 
-    Sets JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=N. When jax
+    Sets JAX_PLATFORMS=cpu, XLA_FLAGS=--xla_force_host_platform_device_count=N and
+    TR_ALIGN_DISTRIBUTED=0 (no multi-host start-up for a plan). When jax
     is already imported (a caller's process), nothing is changed and ``plan.cpu_devices``
     checks that enough CPU devices exist.
     """
@@ -278,6 +279,7 @@ def _plan_environment(argv) -> None:
     if not value:
         return
     os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TR_ALIGN_DISTRIBUTED", "0")  # a plan is one process, never a job
     if "tpu" in value:
         # libtpu describes the slice without a TPU; these keep it from looking for one
         # (GCE metadata server, worker hostnames) and printing warnings about it.
