@@ -17,7 +17,12 @@ what the compiled program holds at once::
 
     total = arguments + outputs - aliased (donated) + temp
 
-and it fits when ``total <= hbm``.
+and it fits when ``total <= hbm``. (The TPU pads small arrays to its tiles, so there XLA's
+argument bytes can exceed the shape arithmetic; the TPU compiler also refuses a program larger
+than HBM outright, and the report then carries its message instead of the temp size.)
+
+The wiring mirrors ``loop.build`` (optimizer, ``init_state``, ``state_shardings``,
+``compile_train_step``) without reading weights or data; keep the two in step.
 """
 
 from __future__ import annotations
