@@ -18,6 +18,11 @@ Commands:
   bench   Time and memory of the compiled train step, frozen vs. trust-region reference:
           tr-align bench --config=configs/default.py --out=bench/default.json [--config.KEY=VALUE ...]
           tr-align bench --generate_model=smollm2 --out=bench/generate.json   (tokens/s)
+  plan    Per-device memory of the train step on a target mesh (compiled ahead of time, no
+          weights allocated) and whether it fits a device's HBM:
+          tr-align plan --config=configs/default.py --model=configs/hf/llama3_8b.json \
+            --devices=8 --mesh=data=1,fsdp=8,tensor=1 --seq_len=1024 --hbm=h100 [--out=F.json]
+          tr-align plan ... --tpu=v5p-32   (the TPU compiler via libtpu; no TPU needed)
 
 Run ``tr-align COMMAND --help`` for a command's flags.
 """
@@ -207,6 +212,127 @@ def _data(argv) -> None:
     _run_app([argv[0], "data"] + list(argv[3:]), "data inspect", body)
 
 
+def _plan(argv) -> None:
+    from absl import flags
+
+    _define_config_flag()
+    flags.DEFINE_string(
+        "model",
+        None,
+        "Hugging Face config.json (or a model directory) to plan for; weights are not read. "
+        "Default: the config's model block.",
+    )
+    flags.DEFINE_integer(
+        "devices", None, "Plan for this many fake CPU devices (the CPU compiler's estimate)."
+    )
+    flags.DEFINE_string(
+        "tpu", None, "Plan for a TPU slice, e.g. v5p-32 or v5e-64, with the TPU compiler (libtpu)."
+    )
+    flags.DEFINE_string(
+        "mesh", "", "Mesh override, e.g. data=1,fsdp=16,tensor=1 (axes not named: the config's)."
+    )
+    flags.DEFINE_integer("seq_len", 1024, "Tokens per chosen / rejected sequence.")
+    flags.DEFINE_integer(
+        "batch_per_device",
+        None,
+        "Preference pairs per data-parallel shard (global = this x data x fsdp); "
+        "default: the config's train.batch_size as the global batch.",
+    )
+    flags.DEFINE_string(
+        "hbm",
+        None,
+        "Memory per device to check against: a size (95GiB, 80GB) or a name "
+        "(v4, v5e, v5p, v6e, a100-40, a100-80, h100, h200). Default: the --tpu generation's, "
+        "or the real device's limit.",
+    )
+    flags.DEFINE_string("out", None, "Also write the report as JSON here.")
+    FLAGS = flags.FLAGS
+
+    def body():
+        import json
+
+        import jax
+
+        from tr_align import plan
+        from tr_align.config import ConfigError
+
+        if FLAGS.devices is not None and FLAGS.tpu:
+            raise ConfigError("--devices and --tpu: give one of them")
+        hbm, label = (None, None) if FLAGS.hbm is None else plan.parse_bytes(FLAGS.hbm)
+        if FLAGS.tpu:
+            devices = plan.tpu_devices(FLAGS.tpu)
+            if hbm is None:
+                hbm, label = plan.parse_bytes(plan.tpu_topology(FLAGS.tpu)[0])
+        elif FLAGS.devices is not None:
+            if FLAGS.devices < 1:
+                raise ConfigError(f"--devices={FLAGS.devices}: must be >= 1")
+            devices = plan.cpu_devices(FLAGS.devices)
+        else:
+            devices = jax.devices()
+            limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+            if hbm is None and limit:
+                hbm, label = limit, f"{devices[0].device_kind} limit"
+        report = plan.plan(
+            FLAGS.config,
+            plan.model_config_from(FLAGS.config, FLAGS.model),
+            devices,
+            seq_len=FLAGS.seq_len,
+            batch_per_shard=FLAGS.batch_per_device,
+            mesh_cfg=plan.parse_mesh(FLAGS.mesh, FLAGS.config.mesh),
+            hbm=hbm,
+            hbm_label=label,
+        )
+        print(plan.table(report))
+        if FLAGS.out:
+            os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+            with open(FLAGS.out, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+            print(f"tr-align: wrote {FLAGS.out}")
+
+    _run_app(argv, "plan", body)
+
+
+def _plan_environment(argv) -> None:
+    """Before jax starts: ``plan --devices=N`` needs N CPU devices, ``plan --tpu=...`` only
+    the CPU backend (the TPU compiler is reached through libtpu's topology description).
+
+    Sets JAX_PLATFORMS=cpu, XLA_FLAGS=--xla_force_host_platform_device_count=N and
+    TR_ALIGN_DISTRIBUTED=0 (no multi-host start-up for a plan). When jax
+    is already imported (a caller's process), nothing is changed and ``plan.cpu_devices``
+    checks that enough CPU devices exist.
+    """
+    if "jax" in sys.modules:
+        return
+    value = {}
+    for i, arg in enumerate(argv):
+        for name in ("devices", "tpu"):
+            if arg.startswith(f"--{name}="):
+                value[name] = arg.split("=", 1)[1]
+            elif arg == f"--{name}" and i + 1 < len(argv):
+                value[name] = argv[i + 1]
+    if not value:
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TR_ALIGN_DISTRIBUTED", "0")  # a plan is one process, never a job
+    if "tpu" in value:
+        # libtpu describes the slice without a TPU; these keep it from looking for one
+        # (GCE metadata server, worker hostnames) and printing warnings about it.
+        gen, _, size = value["tpu"].lower().partition("-")
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{gen.replace('v5e', 'v5litepod')}-{size}")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("TPU_WORKER_ID", "0")
+    n = value.get("devices", "")
+    if n.isdigit():
+        flags = [
+            f
+            for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")
+        ]
+        flags.append(f"--xla_force_host_platform_device_count={n}")
+        os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
 COMMANDS = {
     "train": _train,
     "sft": _sft,
@@ -214,6 +340,7 @@ COMMANDS = {
     "export": _export,
     "generate": _generate,
     "bench": _bench,
+    "plan": _plan,
 }
 
 
@@ -228,6 +355,8 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    if argv[1] == "plan":
+        _plan_environment(argv)
     COMMANDS[argv[1]](argv)
     return 0
 

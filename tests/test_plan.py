@@ -1,0 +1,127 @@
+"""``tr-align plan``: per-device bytes against hand arithmetic, the TPU slice names, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import REPO, load_default_config
+from tr_align import hf, plan
+from tr_align.config import ConfigError
+from tr_align.models import count_params
+
+# The default tiny Llama: V=32, D=64, F=128, L=2 layers, H=4 heads, K=2 kv heads, E=16, tied.
+V, D, F, L, H, K, E = 32, 64, 128, 2, 4, 2, 16
+N_PARAMS = V * D + L * (2 * D + D * H * E + 2 * D * K * E + H * E * D + 3 * D * F) + D
+
+
+def _state_and_batch(b):
+    return b["params"] + b["reference"] + b["optimizer"] + b["step_rng"] + b["batch"]
+
+
+def test_paper_model_configs_have_the_published_parameter_counts():
+    published = {"llama3_8b": 8_030_261_248, "pythia_2.8b": 2_775_208_960}
+    published["pythia_6.9b"] = 6_857_302_016
+    for name, n in published.items():
+        config = plan.model_config_from(load_default_config(), f"{REPO}/configs/hf/{name}.json")
+        init_fn, _ = hf.model_fns(config)
+        abstract = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((2,), "uint32"))
+        assert count_params(abstract) == n, name
+
+
+@pytest.mark.slow
+def test_plan_bytes_match_hand_arithmetic_and_xla():
+    config = load_default_config()
+    model = plan.model_config_from(config, None)
+    seq, per_shard, n_dev = 16, 2, 4
+    report = plan.plan(
+        config,
+        model,
+        jax.devices()[:n_dev],
+        seq_len=seq,
+        batch_per_shard=per_shard,
+        mesh_cfg=dict(data=n_dev, fsdp=1, tensor=1),  # pure data parallel: nothing to split
+        hbm=2**20,
+        hbm_label="1 MiB",
+    )
+    b = report["bytes"]
+    assert report["params"] == N_PARAMS == 76_096
+    assert report["batch_pairs"] == per_shard * n_dev and report["devices"] == n_dev
+    assert b["params"] == b["reference"] == 4 * N_PARAMS  # float32, whole model per device
+    assert 0 <= b["optimizer"] - 2 * 4 * N_PARAMS <= 16  # AdamW mu + nu (+ int32 counts)
+    assert b["batch"] == 6 * per_shard * seq * 4  # 6 int32 [B, T] arrays, B split over data
+    # XLA's own count of the program's inputs equals the shape arithmetic, and donation
+    # aliases the whole state (everything but the batch).
+    state = b["params"] + b["reference"] + b["optimizer"] + b["step_rng"]
+    assert b["arguments"] == state + b["batch"]
+    assert b["aliased"] == state
+    assert b["temp"] > 0
+    assert b["total"] == b["arguments"] + b["outputs"] - b["aliased"] + b["temp"]
+    assert report["fits"] is (b["total"] <= 2**20) is False
+    text = plan.table(report)
+    assert "does NOT fit" in text and "| policy parameters | 0.29 |" in text  # MiB
+
+
+def test_tpu_slice_names_map_to_google_topologies():
+    # Google's documented slice shapes: v5p-32 = 16 chips 2x2x4, v5e-64 = 8x8, v4-32 = 2x2x4.
+    assert plan.tpu_topology("v5p-8") == ("v5p", "v5p:2x2x1", 4)
+    assert plan.tpu_topology("v5p-32") == ("v5p", "v5p:2x2x4", 16)
+    assert plan.tpu_topology("v5p-128") == ("v5p", "v5p:4x4x4", 64)
+    assert plan.tpu_topology("v4-32") == ("v4", "v4:2x2x4", 16)
+    assert plan.tpu_topology("v5e-64") == ("v5e", "v5e:8x8", 64)
+    assert plan.tpu_topology("v5e-256") == ("v5e", "v5e:16x16", 256)
+    assert plan.tpu_topology("v6e-8") == ("v6e", "v6e:2x4", 8)
+    for bad in ("v5p-12", "v3-8", "v5e-48", "v5p-2"):
+        with pytest.raises(ConfigError):
+            plan.tpu_topology(bad)
+
+
+def test_parse_bytes_and_mesh():
+    assert plan.parse_bytes("95GiB")[0] == 95 * 2**30
+    assert plan.parse_bytes("80 GB")[0] == 80 * 10**9
+    assert plan.parse_bytes("h100")[0] == 80 * 2**30 and plan.parse_bytes("V5E")[0] == 16 * 2**30
+    with pytest.raises(ConfigError, match="--hbm='lots'"):
+        plan.parse_bytes("lots")
+    base = {"data": -1, "fsdp": 1, "tensor": 1}
+    assert plan.parse_mesh("fsdp=8,data=1", base) == {"data": 1, "fsdp": 8, "tensor": 1}
+    with pytest.raises(ConfigError, match="AXIS=SIZE"):
+        plan.parse_mesh("model=2", base)
+
+
+@pytest.mark.slow
+def test_cli_plan_sets_up_fake_devices_and_writes_json(tmp_path):
+    """A fresh process: --devices=2 must override the 8 devices XLA_FLAGS asks for. Over
+    fsdp=2 each device holds between half of and the whole model (the FSDP rules decide)."""
+    out = tmp_path / "plan.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tr_align", "plan", "--devices=2", "--mesh=data=1,fsdp=2",
+         "--seq_len=8", "--batch_per_device=1", "--hbm=16GiB", f"--out={out}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["devices"] == 2 and report["platform"] == "cpu"
+    b = report["bytes"]
+    assert 4 * N_PARAMS / 2 <= b["params"] <= 4 * N_PARAMS and report["fits"] is True
+    assert b["arguments"] == _state_and_batch(b)
+    assert "verdict: fits" in proc.stdout and "| HBM 16.00 GiB |" in proc.stdout
+
+
+def test_tpu_compiler_plan_when_libtpu_is_installed():
+    pytest.importorskip("libtpu")
+    config = load_default_config()
+    report = plan.plan(
+        config, plan.model_config_from(config, None), plan.tpu_devices("v5e-4"),
+        seq_len=16, batch_per_shard=2, mesh_cfg=dict(data=4, fsdp=1, tensor=1),
+        hbm=plan.HBM_TARGETS["v5e"],
+    )  # fmt: skip
+    b = report["bytes"]
+    assert report["platform"] == "tpu" and report["devices"] == 4
+    # The TPU pads small arrays to its (8, 128) tiles, so it counts more than the shapes hold.
+    assert _state_and_batch(b) <= b["arguments"] <= 2 * _state_and_batch(b)
+    assert report["fits"] is True
