@@ -120,7 +120,9 @@ def get_config(preset: str | None = None):
 
     c.trust_region = ml_collections.ConfigDict(trust_region.PRESETS["tr-soft"])
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Device mesh (-1 = all remaining devices). rules: [logical axis, mesh axes] pairs that
+    # take precedence over tr_align.sharding.DEFAULT_RULES, e.g. (("embed", None),).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=()))
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, max_to_keep=2))
 

@@ -57,9 +57,15 @@ def _run_app(argv, command, body) -> None:
     def main(_):
         if not any(a.startswith(("--verbosity", "-v")) for a in argv):
             logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        from tr_align import distributed
         from tr_align.config import ConfigError
         from tr_align.data.sources import DataError
 
+        try:
+            distributed.initialize()  # multi-host jobs: before anything touches a device
+        except ValueError as e:
+            print(f"tr-align: distributed setup: {e}", file=sys.stderr)
+            sys.exit(2)
         try:
             body()
         except ConfigError as e:

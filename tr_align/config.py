@@ -168,6 +168,9 @@ def validate(config, num_devices: int) -> None:
         shape = sharding.mesh_shape(config.mesh, num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    rules = config.mesh.get("rules", ())
+    problem = sharding.check_rules(rules)
+    _check(problem is None, "mesh.rules", rules, problem)
     dp = shape[0] * shape[1]
     for key in ("train.batch_size", "train.eval_batch_size"):
         v = _get(config, key)

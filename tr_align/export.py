@@ -1,7 +1,8 @@
 """``tr-align export``: a run's trained policy (or reference) as a Hugging Face checkpoint.
 
 Reads ``WORKDIR/model_config.json`` (written at the start of every run) and the
-newest checkpoint (or ``step``), and writes config.json + safetensors that
+newest checkpoint (or ``step``; read on the host, so a checkpoint from any mesh or number
+of hosts exports on one machine), and writes config.json + safetensors that
 ``transformers.AutoModelForCausalLM.from_pretrained(OUT)`` loads. When the run
 started from a pretrained model, its tokenizer files are written beside them.
 """
@@ -12,6 +13,8 @@ import json
 import os
 import shutil
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tr_align import checkpoint, hf, pretrained
@@ -49,11 +52,22 @@ def export(workdir: str, out_dir: str, *, which: str = "policy", step: int | Non
             f"{workdir}/checkpoints: no checkpoint{'' if step is None else f' at step {step}'} "
             f"(available: {list(mngr.all_steps())})"
         )
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    params = state["params" if which == "policy" else "ref_params"]
+    params = _restore_host(
+        mngr.directory / str(step) / "state", "params" if which == "policy" else "ref_params"
+    )
     hf.save_pretrained(params, model_config, out_dir)
     _write_tokenizer(workdir, out_dir)
     return step
+
+
+def _restore_host(path, key: str):
+    """``state[key]`` of a checkpoint as host numpy arrays, whatever mesh or hosts saved it
+    (only that subtree is read)."""
+    handler = ocp.PyTreeCheckpointHandler()
+    item = {key: handler.metadata(path).tree[key]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    return handler.restore(path, args=args)[key]
 
 
 def _write_tokenizer(workdir: str, out_dir: str) -> None:

@@ -65,6 +65,11 @@ def model_fns(config):
     return _module_for_config(config).make_model(config)
 
 
+def param_axes(config):
+    """The model module's ``PARAM_AXES`` (parameter path regex -> logical axis names)."""
+    return _module_for_config(config).PARAM_AXES
+
+
 def decode_fns(config):
     """(decode_fn, init_cache) for KV-cache generation (``tr_align.generate``):
     ``decode_fn(params, ids, positions, cache, cache_index, kv_mask)`` and

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from absl import logging
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
@@ -145,7 +146,16 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
     devices = jax.devices() if devices is None else list(devices)
     config_lib.validate(config, len(devices))
     mesh = sharding.make_mesh(config.mesh, devices)
-    model_config, init_fn, apply_fn, params = pretrained.load(config.model)
+    rules = sharding.make_rules(config.mesh.get("rules", ()))
+
+    def param_shardings(model_config, abstract_params):
+        specs, _ = sharding.param_specs(
+            abstract_params, hf.param_axes(model_config), dict(mesh.shape), rules
+        )
+        return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+
+    model_config, init_fn, apply_fn, params = pretrained.load(config.model, param_shardings)
+    apply_fn = sharding.with_activation_sharding(apply_fn, mesh, rules)
     data = load_data(config, model_config, progress=progress)
     if config.loss.type == "sft":
         if not data.paired:
@@ -160,7 +170,16 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
     rng = jax.random.PRNGKey(config.train.seed)
     make_state = functools.partial(init_state, init_fn=init_fn, tx=tx)
     abstract = jax.eval_shape(make_state, rng, params)
-    shardings = sharding.state_shardings(mesh, abstract)
+    shardings = sharding.state_shardings(mesh, abstract, hf.param_axes(model_config), rules)
+    _, fallbacks = sharding.param_specs(
+        abstract.params, hf.param_axes(model_config), dict(mesh.shape), rules
+    )
+    if fallbacks and jax.process_index() == 0:
+        logging.warning(
+            "sharding: %d parameter dimension(s) replicated instead (not divisible), e.g. %s",
+            len(fallbacks),
+            "; ".join(fallbacks[:3]),
+        )
     return Built(
         mesh=mesh,
         model_config=model_config,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
+
 from tr_align import hf
 from tr_align.models import LlamaConfig
 
@@ -67,8 +69,14 @@ def resolve(source: str) -> str:
         ) from None
 
 
-def load(model_cfg):
-    """Returns (model_config, init_fn, apply_fn, params): params is None from scratch."""
+def load(model_cfg, param_shardings=None):
+    """Returns (model_config, init_fn, apply_fn, params): params is None from scratch.
+
+    ``param_shardings``: optional ``f(model_config, abstract_params) -> tree of Sharding``.
+    With it the weights land in those shardings: a Hugging Face checkpoint is read straight
+    into them (each process reads only its devices' blocks), a GGUF file is placed after
+    loading. Without it they are on the default device.
+    """
     fields = {k: v for k, v in model_cfg.items() if k != "pretrained"}
     source = model_cfg.get("pretrained", "")
     if not source:
@@ -80,8 +88,16 @@ def load(model_cfg):
 
         path = gguf.smollm2_gguf_path() if source == "smollm2" else source
         _, params, config, _ = gguf.load_gguf(path)
+        if param_shardings is not None:
+            params = jax.device_put(params, param_shardings(config, params))
     else:
-        _, params, config = hf.load_pretrained(resolve(source))
+        source = resolve(source)
+        shardings = None
+        if param_shardings is not None:
+            config = hf.config_from_hf(hf.read_config(source), source)
+            init_fn, _ = hf.model_fns(config)
+            shardings = param_shardings(config, jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
+        _, params, config = hf.load_pretrained(source, shardings=shardings)
     config = dataclasses.replace(config, dtype=model_cfg.get("dtype", "float32"))
     init_fn, apply_fn = hf.model_fns(config)
     return config, init_fn, apply_fn, params

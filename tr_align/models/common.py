@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tr_align import sharding
+
 # dot_general accumulating (and returning) float32, for the output projection.
 F32_DOT = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 
@@ -138,11 +140,15 @@ def slot_mask(
 def run_blocks(blocks, x_BTD, mask_BTS, cos, sin, cache=None, cache_index=None):
     """Applies the decoder layers in order, threading the per-layer KV cache when given.
 
-    Returns (x_BTD, new_cache); new_cache is None for the plain forward.
+    Returns (x_BTD, new_cache); new_cache is None for the plain forward. The residual
+    stream is pinned to (batch, length, embed) at each block boundary when a mesh is
+    active (``sharding.constrain``; a no-op otherwise).
     """
     if cache is None:
+        x_BTD = sharding.constrain(x_BTD, sharding.ACTIVATION_BTD)
         for block in blocks:
             x_BTD = block(x_BTD, mask_BTS, cos, sin)
+            x_BTD = sharding.constrain(x_BTD, sharding.ACTIVATION_BTD)
         return x_BTD, None
     new_cache = []
     for block, layer_cache in zip(blocks, cache):

@@ -376,6 +376,24 @@ class GPTNeoX(nn.Module):
         return logits if cache is None else (logits, new_cache)
 
 
+# Logical axes of every parameter (``tr_align.sharding``): regex over the "/"-joined path
+# (full match, first wins) -> one logical name per dimension. The fused qkv columns are
+# per head ([H, 3*E]), so splitting them over heads keeps each head's q, k, v together.
+PARAM_AXES = (
+    (r"embed_in/embedding", ("vocab", "embed")),
+    (r"(layers_\d+/(input|post_attention)_layernorm|final_layer_norm)/(scale|bias)", ("norm",)),
+    (r"layers_\d+/attention/query_key_value/kernel", ("embed", "heads")),
+    (r"layers_\d+/attention/query_key_value/bias", ("heads",)),
+    (r"layers_\d+/attention/dense/kernel", ("heads", "embed")),
+    (r"layers_\d+/attention/dense/bias", ("embed",)),
+    (r"layers_\d+/mlp/dense_h_to_4h/kernel", ("embed", "mlp")),
+    (r"layers_\d+/mlp/dense_h_to_4h/bias", ("mlp",)),
+    (r"layers_\d+/mlp/dense_4h_to_h/kernel", ("mlp", "embed")),
+    (r"layers_\d+/mlp/dense_4h_to_h/bias", ("embed",)),
+    (r"embed_out/kernel", ("embed", "vocab")),
+)
+
+
 # ----------------------------------------------------------------------------
 # Public API.
 

@@ -369,6 +369,22 @@ class Llama(nn.Module):
         return logits if cache is None else (logits, new_cache)
 
 
+# Logical axes of every parameter (``tr_align.sharding``): regex over the "/"-joined path
+# (full match, first wins) -> one logical name per dimension.
+PARAM_AXES = (
+    (r"embed_tokens/embedding", ("vocab", "embed")),
+    (r"(layers_\d+/(input|post_attention)_layernorm|norm)/scale", ("norm",)),
+    (r"layers_\d+/self_attn/q_proj/kernel", ("embed", "heads")),
+    (r"layers_\d+/self_attn/q_proj/bias", ("heads",)),
+    (r"layers_\d+/self_attn/[kv]_proj/kernel", ("embed", "kv_heads")),
+    (r"layers_\d+/self_attn/[kv]_proj/bias", ("kv_heads",)),
+    (r"layers_\d+/self_attn/o_proj/kernel", ("heads", "embed")),
+    (r"layers_\d+/mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
+    (r"layers_\d+/mlp/down_proj/kernel", ("mlp", "embed")),
+    (r"lm_head/kernel", ("embed", "vocab")),
+)
+
+
 # ----------------------------------------------------------------------------
 # Public API.
 
