@@ -83,6 +83,7 @@ def get_config(preset: str | None = None):
     c.train = ml_collections.ConfigDict(
         dict(
             steps=400,
+            epochs=0.0,  # > 0: run this many epochs of the training data instead of `steps`
             batch_size=32,  # preference pairs per step (global)
             eval_batch_size=128,
             seed=0,

@@ -393,3 +393,10 @@ def test_data_inspect_shows_the_masked_prompt(tmp_path):
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("tr-align: data error: ")
     assert "bad_json.jsonl:3: " in bad.stderr
+
+
+def test_train_epochs_sets_the_number_of_steps(tmp_path):
+    c = data_config(tmp_path, **{"train.epochs": 2.0, "train.steps": 999})
+    built = loop.build(c, devices=jax.devices()[:1], progress=False)
+    assert built.steps == 2 * 6 // 2  # 6 training rows, batch 2, two epochs
+    assert loop.num_steps(c.train, 7) == 7  # floor(2 * 7 / 2)

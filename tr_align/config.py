@@ -101,6 +101,13 @@ def validate(config, num_devices: int) -> None:
         v = _get(config, key)
         _check(_is_int(v) and v >= 1, key, v, "must be an integer >= 1")
     _check(_is_int(t.seed), "train.seed", t.seed, "must be an integer")
+    epochs = t.get("epochs", 0)
+    _check(
+        _is_num(epochs) and epochs >= 0,
+        "train.epochs",
+        epochs,
+        "must be a number >= 0 (0 = run train.steps steps)",
+    )
 
     _check(
         lo.type in losses.LOSS_TYPES + UNPAIRED_LOSSES + SFT_LOSSES,

@@ -103,6 +103,7 @@ class Built:
     """Everything a run needs, wired from a config (see ``build``)."""
 
     mesh: jax.sharding.Mesh
+    steps: int  # optimizer steps of the whole run (train.steps, or train.epochs of the data)
     model_config: Any  # LlamaConfig / GPTNeoXConfig
     apply_fn: Callable
     tx: optax.GradientTransformation
@@ -113,6 +114,15 @@ class Built:
     train_step: Callable  # jitted, donates the state
     eval_step: Callable
     data: pipeline.Data  # tokenized train/eval sets, buckets, data report
+
+
+def num_steps(train_cfg, num_examples: int) -> int:
+    """``train.steps``, or with ``train.epochs > 0`` the steps that cover that many epochs of
+    ``num_examples`` at ``train.batch_size`` (at least 1)."""
+    epochs = float(train_cfg.get("epochs", 0) or 0)
+    if epochs <= 0:
+        return int(train_cfg.steps)
+    return max(1, int(epochs * num_examples) // int(train_cfg.batch_size))
 
 
 def load_data(config, model_config, *, progress: bool = True) -> pipeline.Data:
@@ -166,7 +176,8 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
         steps = sft
     else:
         steps = train if data.paired else unpaired
-    tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps)
+    total_steps = num_steps(config.train, len(data.train))
+    tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
     rng = jax.random.PRNGKey(config.train.seed)
     make_state = functools.partial(init_state, init_fn=init_fn, tx=tx)
     abstract = jax.eval_shape(make_state, rng, params)
@@ -182,6 +193,7 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
         )
     return Built(
         mesh=mesh,
+        steps=total_steps,
         model_config=model_config,
         apply_fn=apply_fn,
         tx=tx,
@@ -235,7 +247,7 @@ def run(
         with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(hf.config_to_hf(built.model_config), f, indent=2)
 
-    total = config.train.steps
+    total = built.steps
     data_it = loader.train_iterator(
         data.train,
         batch_size=config.train.batch_size,

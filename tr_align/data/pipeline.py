@@ -167,7 +167,9 @@ def load(config, tokenizer, *, progress: bool = True) -> Data:
         "lengths": _length_stats(train),
         "tokenization": train_stats,
         "buckets": list(buckets),
-        "epochs": round(config.train.steps * batch / len(train), 2),
+        "epochs": round(
+            float(config.train.get("epochs", 0) or 0) or config.train.steps * batch / len(train), 2
+        ),
         "padding_efficiency": {
             "one_bucket": round(
                 batching.epoch_padding_efficiency(train, batch, buckets=(cfg.max_length,)), 4
@@ -193,7 +195,7 @@ def describe(report: dict) -> str:
     lines = [
         f"data: {report['path']} ({report['format']}): {report['train_examples']} train / "
         f"{report['eval_examples']} eval examples from {report['records_read']} records; "
-        f"train.steps covers {report['epochs']} epochs"
+        f"{report['epochs']} epochs"
     ]
     for split, c in report["bad_rows"].items():
         if c:
