@@ -70,6 +70,7 @@ def get_config(preset: str | None = None):
             eval_fraction=0.05,
             data_dir="",  # tfds data_dir
             tokenizer="",  # "" = model.pretrained's tokenizer; or an HF dir, .gguf, "smollm2"
+            chat_template="",  # "" = the tokenizer's; "hh" = HH raw text; or a Jinja string
             max_length=1024,  # prompt + completion tokens (TRL's max_length)
             max_prompt_length=512,  # over-long prompts keep their end; 0 = never truncate
             buckets=(),  # padded lengths; () = powers of two from 64 up to max_length

@@ -400,3 +400,20 @@ def test_train_epochs_sets_the_number_of_steps(tmp_path):
     built = loop.build(c, devices=jax.devices()[:1], progress=False)
     assert built.steps == 2 * 6 // 2  # 6 training rows, batch 2, two epochs
     assert loop.num_steps(c.train, 7) == 7  # floor(2 * 7 / 2)
+
+
+def test_hh_chat_template_reproduces_the_raw_transcript(tmp_path):
+    """data.chat_template='hh' (Pythia in the paper): prompt + chosen decode to the dataset's
+    own chosen transcript, and the completion ends with one EOS."""
+    c = data_config(tmp_path, **{"data.chat_template": "hh", "data.eval_fraction": 0.125})
+    tok = pipeline.load_tokenizer(c)
+    data = pipeline.load(c, tok, progress=False)
+    first = json.loads((DATA / "hh.jsonl").read_text().splitlines()[0])
+    # the fixture's first row is in the training split; find it by its decoded text
+    texts = [
+        tok.decode(list(data.train.prompt[i]) + list(data.train.chosen[i]))
+        for i in range(len(data.train))
+    ]
+    assert first["chosen"] + tok.eos_token in texts
+    i = texts.index(first["chosen"] + tok.eos_token)
+    assert tok.decode(data.train.prompt[i]).endswith("\n\nAssistant:")

@@ -136,13 +136,8 @@ def load_data(config, model_config, *, progress: bool = True) -> pipeline.Data:
                 data, train=tokenize.unpair(data.train), eval=tokenize.unpair(data.eval)
             )
         return data
-    source = config.data.tokenizer or config.model.get("pretrained", "")
-    if not source:
-        raise config_lib.ConfigError(
-            "data.tokenizer='': a model trained from scratch needs data.tokenizer (a Hugging "
-            "Face tokenizer directory, a .gguf file or 'smollm2') to tokenize real data"
-        )
-    tokenizer = pretrained.load_tokenizer(source)
+    tokenizer = pipeline.load_tokenizer(config)
+    source = config.data.get("tokenizer") or config.model.get("pretrained", "")
     if len(tokenizer) > model_config.vocab_size:
         raise config_lib.ConfigError(
             f"data.tokenizer={source!r}: its {len(tokenizer)} tokens exceed the model's "

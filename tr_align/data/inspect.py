@@ -14,7 +14,6 @@ import sys
 
 import numpy as np
 
-from tr_align import pretrained
 from tr_align.data import batching, pipeline
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -53,12 +52,7 @@ def load(config, *, progress: bool = True):
             config.data, vocab_size=config.model.vocab_size, seed=config.train.seed
         )
         return data, None
-    source = config.data.tokenizer or config.model.get("pretrained", "")
-    if not source:
-        from tr_align.config import ConfigError
-
-        raise ConfigError("data.tokenizer='': set a tokenizer (HF dir, .gguf or 'smollm2')")
-    tokenizer = pretrained.load_tokenizer(source)
+    tokenizer = pipeline.load_tokenizer(config)
     return pipeline.load(config, tokenizer, progress=progress), tokenizer
 
 

@@ -24,6 +24,38 @@ from tr_align.data.sources import DataError
 
 UNPAIRED_LOSSES = ("kto",)
 
+# data.chat_template names. "hh" renders chat turns as Anthropic HH's raw text, for base models
+# without a template (Pythia in the paper): "\n\nHuman: ...\n\nAssistant: ...".
+CHAT_TEMPLATES = {
+    "hh": (
+        "{% for m in messages %}"
+        "{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
+        "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] }}"
+        "{% else %}{{ m['content'] }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
+    ),
+}
+
+
+def load_tokenizer(config):
+    """The tokenizer of ``data.tokenizer`` (default: ``model.pretrained``'s), with
+    ``data.chat_template`` (a name in CHAT_TEMPLATES or a Jinja string) replacing its template."""
+    from tr_align import pretrained
+    from tr_align.config import ConfigError
+
+    source = config.data.get("tokenizer") or config.model.get("pretrained", "")
+    if not source:
+        raise ConfigError(
+            "data.tokenizer='': a model trained from scratch needs data.tokenizer (a Hugging "
+            "Face tokenizer directory or hub id, a .gguf file or 'smollm2') to tokenize real data"
+        )
+    tokenizer = pretrained.load_tokenizer(pretrained.resolve(source))
+    template = config.data.get("chat_template", "")
+    if template:
+        tokenizer.chat_template = CHAT_TEMPLATES.get(template, template)
+    return tokenizer
+
 
 @dataclasses.dataclass(frozen=True)
 class Data:
