@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import REPO
 from tr_align import config as config_lib
 from tr_align.config import ConfigError
 
@@ -81,3 +82,25 @@ def test_hub_model_id_offline_gives_a_config_error(monkeypatch, tmp_path):
     assert pretrained.resolve(str(tmp_path)) == str(tmp_path)  # local paths win
     with pytest.raises(ConfigError, match="model.pretrained='no-such-org/no-such-model'"):
         pretrained.resolve("no-such-org/no-such-model")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["pythia28_hh", "pythia69_hh", "pythia28_tldr", "pythia69_tldr", "llama3_8b_ultrafeedback"],
+)
+def test_paper_recipes_load_and_validate(name):
+    from tr_align.config import load_config_file
+
+    for preset, loss, tr in [
+        ("sft", "sft", False),
+        ("dpo", "sigmoid", False),
+        ("tr-soft", "sigmoid", (0.6, 1)),
+        ("tr-hard", "sigmoid", (1.0, 512)),
+    ]:
+        c = load_config_file(str(REPO / "configs" / f"{name}.py"), preset)
+        config_lib.validate(c, 8)
+        assert c.loss.type == loss and c.trust_region.enabled == bool(tr)
+        if tr:
+            assert (c.trust_region.alpha, c.trust_region.tau) == tr
+        assert (c.loss.beta, c.data.max_length, c.train.epochs) == (0.05, 1024, 1.0)
+        assert c.optimizer.learning_rate == (2e-5 if preset == "sft" else 1e-6)

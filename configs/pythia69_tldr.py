@@ -1,0 +1,43 @@
+"""Paper recipe: Pythia-6.9B on Reddit TL;DR (TR-DPO vs DPO; IPO and KTO variants by loss type).
+
+Stages (presets; values and their sources in configs/paper.py): sft, dpo, tr-soft (alpha 0.6,
+tau 1), tr-hard (alpha 1, tau 512). beta 0.05, lr 1e-6 (SFT 2e-5), 100 warmup steps,
+max_grad_norm 2, max_length 1024, batch 64 pairs, one epoch, bf16 compute with float32
+master weights, parameters/reference/optimizer sharded over all devices (FSDP).
+
+Hardware: one host with 8 x H100 80GB (FSDP over 8 devices); or a TPU v5p-32 / v5e-64 slice. Check the memory first:
+    tr-align plan --config=configs/pythia69_tldr.py:tr-soft --devices=8 --hbm=h100
+
+Run on one GPU host (launch/gpu_local.sh wraps the same commands with the venv and logs):
+
+    tr-align sft --config=configs/pythia69_tldr.py:sft --workdir=runs/pythia69_tldr/sft
+    tr-align export --workdir=runs/pythia69_tldr/sft --out=runs/pythia69_tldr/sft/hf
+    tr-align train --config=configs/pythia69_tldr.py:tr-soft --workdir=runs/pythia69_tldr/tr-soft \
+        --config.model.pretrained=runs/pythia69_tldr/sft/hf
+    (then :tr-hard and :dpo the same way; add --config.loss.type=ipo for (TR-)IPO and
+    --config.loss.type=kto_pair for (TR-)KTO)
+
+Run on a TPU pod slice (every worker runs the same command; the workdir on the bucket mount):
+    bash launch/tpu_pod.sh --name=trdpo --zone=us-east5-a --accelerator-type=v5p-32 \
+      --bucket=MY_BUCKET --config=configs/pythia69_tldr.py:tr-soft -- \
+      --config.model.pretrained=/mnt/gcs/pythia69_tldr/sft/hf
+
+Starting policy and reference: runs/pythia69_tldr/sft/hf.
+Expected wall time: not measured by this project (no accelerator was lent while writing it).
+A FLOP estimate (8 N tokens per pair-step for policy forward+backward and reference forward,
+about 40% of bf16 peak) puts one epoch at roughly an hour on 8 x H100; measure with
+``tr-align bench`` on the target before planning a sweep.
+Compare with: the paper's Pythia-6.9B TL;DR comparison (arXiv:2404.09656, Section 5): TR-DPO above DPO in GPT-4 win rate. Compare methods at matched KL to the SFT policy as well as at equal
+steps (``tr-align eval``).
+"""
+
+import os
+
+from tr_align.config import load_config_file
+
+_PAPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper.py")
+
+
+def get_config(preset: str | None = None):
+    paper = load_config_file(_PAPER, "pythia-6.9b,tldr,{}".format(preset or "tr-soft"))
+    return paper
