@@ -125,7 +125,10 @@ def build(config, devices=None) -> Built:
     )
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps)
     rng = jax.random.PRNGKey(config.train.seed)
-    make_state = functools.partial(init_state, init_fn=init_fn, tx=tx)
+    opt = functools.partial(config_lib.get_optional, config)
+    make_state = functools.partial(
+        init_state, init_fn=init_fn, tx=tx, ref_dtype=opt("trust_region.ref_dtype")
+    )
     abstract = jax.eval_shape(make_state, rng, params)
     shardings = sharding.state_shardings(mesh, abstract)
     return Built(
@@ -145,8 +148,16 @@ def build(config, devices=None) -> Built:
             schedule=schedule,
             loss_cfg=config.loss,
             tr_cfg=config.trust_region,
+            grad_accum_steps=opt("train.grad_accum_steps"),
+            logps_chunk_size=opt("train.logps_chunk_size"),
         ),
-        eval_step=compile_eval_step(mesh, shardings, apply_fn=apply_fn, loss_cfg=config.loss),
+        eval_step=compile_eval_step(
+            mesh,
+            shardings,
+            apply_fn=apply_fn,
+            loss_cfg=config.loss,
+            logps_chunk_size=opt("train.logps_chunk_size"),
+        ),
         train_arrays=train_arrays,
         eval_arrays=eval_arrays,
     )
