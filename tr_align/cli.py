@@ -12,6 +12,8 @@ Commands:
   bench   Time and memory of the compiled train step, frozen vs. trust-region reference:
           tr-align bench --config=configs/default.py --out=bench/default.json [--config.KEY=VALUE ...]
           tr-align bench --generate_model=smollm2 --out=bench/generate.json   (tokens/s)
+          tr-align bench --memory --config=configs/llama_100m.py --out=bench/memory.json
+          (compiled train-step memory per memory lever, compile only)
 
 Run ``tr-align COMMAND --help`` for a command's flags.
 """
@@ -94,12 +96,33 @@ def _bench(argv) -> None:
         "Instead of the train step, time KV-cache "
         "generation of this pretrained model (HF dir, .gguf or 'smollm2').",
     )
+    flags.DEFINE_bool(
+        "memory",
+        False,
+        "Instead of timing, compile the train step once per memory lever (bf16 compute, "
+        "bf16 reference, remat, grad accumulation, chunked log-probs) and report XLA's "
+        "memory analysis.",
+    )
+    flags.DEFINE_integer("seq_len", 0, "--memory: tokens per sequence (0 = the data's length).")
+    flags.DEFINE_integer("accum_steps", 4, "--memory: microbatches of the grad-accum lever.")
+    flags.DEFINE_integer("chunk_size", 64, "--memory: positions per chunk of the logps lever.")
     FLAGS = flags.FLAGS
 
     def body():
         from tr_align import bench, trust_region
         from tr_align.config import ConfigError
 
+        if FLAGS.memory:
+            _, table = bench.memory(
+                FLAGS.config,
+                FLAGS.out,
+                seq_len=FLAGS.seq_len or None,
+                accum_steps=FLAGS.accum_steps,
+                chunk_size=FLAGS.chunk_size,
+            )
+            print(table)
+            print(f"tr-align: wrote {FLAGS.out} and {FLAGS.out}.md")
+            return
         if FLAGS.generate_model:
             _, table = bench.generation(FLAGS.generate_model, FLAGS.out)
             print(table)
