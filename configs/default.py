@@ -37,7 +37,10 @@ def get_config(preset: str | None = None):
             rms_norm_eps=1e-6,
             tie_word_embeddings=True,
             max_position_embeddings=64,
+            # Compute dtype (float32 | bfloat16); parameters, gradients and AdamW state stay
+            # float32 (master weights) either way.
             dtype="float32",
+            remat="none",  # per-block rematerialisation: none | full | save_dots
         )
     )
 
@@ -90,6 +93,9 @@ def get_config(preset: str | None = None):
             seed=0,
             log_every_steps=1,
             eval_every_steps=100,
+            # Memory levers (README "Memory levers"):
+            grad_accum_steps=1,  # K microbatches per step inside the jitted step (lax.scan)
+            logps_chunk_size=0,  # > 0: log-probs this many positions at a time (no [2B,T,V])
         )
     )
 
@@ -121,6 +127,9 @@ def get_config(preset: str | None = None):
     )
 
     c.trust_region = ml_collections.ConfigDict(trust_region.PRESETS["tr-soft"])
+    # Storage dtype of the reference (float32 | bfloat16); bfloat16 halves its memory, the
+    # update is computed in float32 and rounded once (see tr_align/trust_region.py).
+    c.trust_region.ref_dtype = "float32"
 
     # Device mesh (-1 = all remaining devices). rules: [logical axis, mesh axes] pairs that
     # take precedence over tr_align.sharding.DEFAULT_RULES, e.g. (("embed", None),).

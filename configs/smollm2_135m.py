@@ -30,7 +30,7 @@ from tr_align import trust_region
 
 def get_config(preset: str | None = None):
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict(dict(pretrained="smollm2", dtype="float32"))
+    c.model = ml_collections.ConfigDict(dict(pretrained="smollm2", dtype="float32", remat="none"))
     c.data = ml_collections.ConfigDict(
         dict(
             source="synthetic",
@@ -49,6 +49,8 @@ def get_config(preset: str | None = None):
             seed=0,
             log_every_steps=1,
             eval_every_steps=10,
+            grad_accum_steps=1,
+            logps_chunk_size=0,
         )
     )
     c.optimizer = ml_collections.ConfigDict(
@@ -68,6 +70,7 @@ def get_config(preset: str | None = None):
         dict(type="sigmoid", beta=0.1, label_smoothing=0.0, discopop_tau=0.05)
     )
     c.trust_region = ml_collections.ConfigDict(trust_region.PRESETS[preset or "tr-soft"])
+    c.trust_region.ref_dtype = "float32"  # float32 | bfloat16 (see configs/default.py)
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, max_to_keep=1))
     return c

@@ -31,6 +31,20 @@ from tr_align.config import ConfigError
         ),
         ("checkpoint.every_steps", 0, r"checkpoint\.every_steps=0"),
         ("mesh.data", 3, r"mesh=.*needs 3 devices, 8 available|does not divide 8 devices"),
+        ("model.remat", "some", r"model\.remat='some': must be one of none, full, save_dots"),
+        (
+            "trust_region.ref_dtype",
+            "float16",
+            r"trust_region\.ref_dtype='float16': must be 'float32' or 'bfloat16'",
+        ),
+        ("train.grad_accum_steps", 0, r"train\.grad_accum_steps=0: must be an integer >= 1"),
+        ("train.logps_chunk_size", -1, r"train\.logps_chunk_size=-1: must be an integer >= 0"),
+        (
+            "train.grad_accum_steps",
+            2,
+            r"train\.batch_size=8: must be divisible by train\.grad_accum_steps \* mesh\.data "
+            r"\* mesh\.fsdp = 2 \* 8",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(tiny_config, key, value, pattern):
@@ -104,3 +118,20 @@ def test_paper_recipes_load_and_validate(name):
             assert (c.trust_region.alpha, c.trust_region.tau) == tr
         assert (c.loss.beta, c.data.max_length, c.train.epochs) == (0.05, 1024, 1.0)
         assert c.optimizer.learning_rate == (2e-5 if preset == "sft" else 1e-6)
+
+
+def test_memory_levers_are_optional(tiny_config):
+    """Configs written before the memory levers still validate (defaults: all off)."""
+    config = tiny_config()
+    for block, key in (
+        ("model", "remat"),
+        ("trust_region", "ref_dtype"),
+        ("train", "grad_accum_steps"),
+        ("train", "logps_chunk_size"),
+    ):
+        del config[block][key]
+        assert (
+            config_lib.get_optional(config, f"{block}.{key}")
+            == (config_lib.OPTIONAL_DEFAULTS[f"{block}.{key}"])
+        )
+    config_lib.validate(config, num_devices=8)

@@ -6,10 +6,16 @@ on one fixed batch (input pipeline excluded), blocking on the result of every
 call. Also recorded: compile time and XLA's memory analysis of the step (state
 bytes, bytes aliased by donation, scratch bytes). Results go to a JSON file and
 a markdown table; ratios are taken against the frozen reference in the same run.
+
+``memory`` (``tr-align bench --memory``) compiles the train step once per memory
+lever (bf16 compute, bf16 reference, remat, gradient accumulation, chunked log-probs,
+all together) from abstract shapes only (nothing is allocated or run) and reports
+XLA's memory analysis of each against the baseline in the same run.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -17,8 +23,11 @@ import statistics
 import time
 
 import jax
+import jax.extend
+import numpy as np
 
-from tr_align import loop, sharding, trust_region
+from tr_align import config as config_lib
+from tr_align import loop, sharding, train, trust_region
 from tr_align.data import loader
 from tr_align.models import count_params
 
@@ -187,3 +196,196 @@ def generation(
     with open(out_path + ".md", "w", encoding="utf-8") as f:
         f.write(table + "\n")
     return report, table
+
+
+def memory_levers(accum_steps: int = 4, chunk_size: int = 64) -> dict[str, dict]:
+    """Name -> config overrides, one lever at a time, then all of them together."""
+    levers = {
+        "baseline": {},
+        "bf16 compute": {"model.dtype": "bfloat16"},
+        "bf16 reference": {"trust_region.ref_dtype": "bfloat16"},
+        "remat save_dots": {"model.remat": "save_dots"},
+        "remat full": {"model.remat": "full"},
+        f"grad accum {accum_steps}": {"train.grad_accum_steps": accum_steps},
+        f"logps chunk {chunk_size}": {"train.logps_chunk_size": chunk_size},
+    }
+    levers["all (bf16, bf16 ref, remat full, accum, chunk)"] = {
+        **levers["bf16 compute"],
+        **levers["bf16 reference"],
+        **levers["remat full"],
+        **levers[f"grad accum {accum_steps}"],
+        **levers[f"logps chunk {chunk_size}"],
+    }
+    return levers
+
+
+def _with(config, overrides):
+    config = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+def saved_residual_bytes(fn, *args) -> int:
+    """Bytes of the values ``jax.vjp(fn, *args)`` keeps for the backward pass, not
+    counting ``args`` themselves (the same residuals ``jax.ad_checkpoint.
+    print_saved_residuals`` lists). Traced from shapes only (``args`` may be
+    ShapeDtypeStructs); independent of the backend and of its scheduling.
+    """
+    flat, tree = jax.tree.flatten(args)
+
+    def vjp(*leaves):
+        return jax.vjp(lambda *a: fn(*jax.tree.unflatten(tree, a)), *leaves)
+
+    closed, (_, vjp_fn) = jax.make_jaxpr(vjp, return_shape=True)(*flat)
+    jaxpr = closed.jaxpr
+    n_res = len(jax.tree.leaves(vjp_fn))
+    inputs = set(jaxpr.invars)
+    residuals = {
+        v: v.aval
+        for v in jaxpr.outvars[len(jaxpr.outvars) - n_res :]
+        if isinstance(v, jax.extend.core.Var) and v not in inputs
+    }
+    return int(sum(a.size * a.dtype.itemsize for a in residuals.values()))
+
+
+def memory_lever(config, overrides: dict, *, seq_len: int, devices=None) -> dict:
+    """Compiles the train step of ``config`` + ``overrides`` for a [batch_size, seq_len]
+    batch from abstract shapes and returns XLA's memory analysis of it (bytes).
+
+    ``total`` = arguments + outputs - aliased + temp: the device memory the step needs
+    with the state donated (outputs written over the aliased inputs).
+    ``residual`` = the activations the policy's backward pass keeps for one microbatch
+    (``saved_residual_bytes`` of ``train.policy_loss``): what remat, chunking, bf16
+    compute and microbatching shrink, as any backend sees it. XLA:CPU expands
+    ``jax.checkpoint``'s optimization barriers before scheduling, so on CPU the
+    recomputation is merged back and remat barely changes ``temp``; XLA:GPU removes
+    them only after scheduling.
+    """
+    config = _with(config, overrides)
+    built = loop.build(config, devices)
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (config.train.batch_size, seq_len),
+            np.int32,
+            sharding=sharding.batch_sharding(built.mesh),
+        )
+        for k in train.PAIR_KEYS
+    }
+    t0 = time.perf_counter()
+    mem = built.train_step.lower(built.abstract_state, batch).compile().memory_analysis()
+    compile_s = time.perf_counter() - t0
+    state = built.abstract_state
+    accum = config_lib.get_optional(config, "train.grad_accum_steps")
+    micro = {
+        k: jax.ShapeDtypeStruct((x.shape[0] // accum, seq_len), x.dtype) for k, x in batch.items()
+    }
+    ref_logps = (jax.ShapeDtypeStruct((micro["chosen_input_ids"].shape[0],), np.float32),) * 2
+    loss = functools.partial(
+        train.policy_loss,
+        apply_fn=built.apply_fn,
+        loss_cfg=config.loss,
+        chunk_size=config_lib.get_optional(config, "train.logps_chunk_size"),
+    )
+    residual = saved_residual_bytes(lambda *a: loss(*a)[0], state.params, ref_logps, micro)
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    out = {
+        "overrides": overrides,
+        "compile_s": round(compile_s, 2),
+        "params": count_params(state.params),
+        "params_bytes": nbytes(state.params),
+        "ref_bytes": nbytes(state.ref_params),
+        "opt_state_bytes": nbytes(state.opt_state),
+        "argument_bytes": mem.argument_size_in_bytes,
+        "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "residual_bytes": residual,
+    }
+    out["total_bytes"] = (
+        out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    )
+    return out
+
+
+def memory(
+    config,
+    out_path: str,
+    *,
+    seq_len: int | None = None,
+    accum_steps: int = 4,
+    chunk_size: int = 64,
+    levers: list[str] | None = None,
+    devices=None,
+) -> tuple[dict, str]:
+    """Memory of the compiled train step per lever; writes ``out_path`` (JSON) and .md.
+
+    ``seq_len`` defaults to the synthetic data's padded length; ``levers`` selects
+    names of ``memory_levers`` (default: all, the baseline always first).
+    """
+    from tr_align.data import synthetic
+
+    if seq_len is None:
+        seq_len = synthetic.seq_len(
+            max_prompt_len=config.data.max_prompt_len, response_len=config.data.response_len
+        )
+    table_levers = memory_levers(accum_steps, chunk_size)
+    names = list(table_levers) if levers is None else ["baseline", *levers]
+    unknown = sorted(set(names) - set(table_levers))
+    if unknown:
+        raise config_lib.ConfigError(f"memory levers {unknown}: expected {list(table_levers)}")
+    results = {}
+    for name in dict.fromkeys(names):
+        results[name] = memory_lever(config, table_levers[name], seq_len=seq_len, devices=devices)
+        print(f"tr-align bench --memory: {name}: compiled in {results[name]['compile_s']} s")
+    base = results["baseline"]
+    for r in results.values():
+        for key in ("temp_bytes", "total_bytes", "residual_bytes"):
+            r[key.replace("_bytes", "_saved_bytes")] = base[key] - r[key]
+        r["total_vs_baseline"] = round(r["total_bytes"] / base["total_bytes"], 4)
+    devs = devices or jax.devices()
+    report = {
+        "device": f"{len(devs)} x {devs[0].device_kind} ({devs[0].platform})",
+        "host": platform.node(),
+        "jax": jax.__version__,
+        "params": base["params"],
+        "batch_pairs": config.train.batch_size,
+        "seq_len": seq_len,
+        "model": config.model.to_dict(),
+        "results": [{"lever": k, **v} for k, v in results.items()],
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    table = memory_table(report)
+    with open(out_path + ".md", "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    return report, table
+
+
+def memory_table(report) -> str:
+    mib = 2.0**20
+    head = (
+        f"Train-step memory, compile only, on {report['device']}, jax {report['jax']}: "
+        f"{report['params']:,} parameters, {report['batch_pairs']} pairs x "
+        f"{report['seq_len']} tokens. state = policy + reference + AdamW; backward "
+        "activations = what the policy's backward keeps (per microbatch, any backend); "
+        "temp / total = XLA memory analysis (total = arguments + outputs - donated + temp)."
+        "\n\n"
+        "| lever | state MiB | backward activations MiB | temp MiB | total MiB "
+        "| total saved MiB | total vs baseline |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |"
+    )
+    rows = [
+        f"| {r['lever']} "
+        f"| {(r['params_bytes'] + r['ref_bytes'] + r['opt_state_bytes']) / mib:,.1f} "
+        f"| {r['residual_bytes'] / mib:,.1f} "
+        f"| {r['temp_bytes'] / mib:,.1f} | {r['total_bytes'] / mib:,.1f} "
+        f"| {r['total_saved_bytes'] / mib:,.1f} | {r['total_vs_baseline']:.3f} |"
+        for r in report["results"]
+    ]
+    return "\n".join([head, *rows])

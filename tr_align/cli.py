@@ -23,6 +23,8 @@ Commands:
           tr-align plan --config=configs/default.py --model=configs/hf/llama3_8b.json \
             --devices=8 --mesh=data=1,fsdp=8,tensor=1 --seq_len=1024 --hbm=h100 [--out=F.json]
           tr-align plan ... --tpu=v5p-32   (the TPU compiler via libtpu; no TPU needed)
+          tr-align bench --memory --config=configs/llama_100m.py --out=bench/memory.json
+          (compiled train-step memory per memory lever, compile only)
 
 Run ``tr-align COMMAND --help`` for a command's flags.
 """
@@ -121,12 +123,33 @@ def _bench(argv) -> None:
         "Instead of the train step, time KV-cache "
         "generation of this pretrained model (HF dir, .gguf or 'smollm2').",
     )
+    flags.DEFINE_bool(
+        "memory",
+        False,
+        "Instead of timing, compile the train step once per memory lever (bf16 compute, "
+        "bf16 reference, remat, grad accumulation, chunked log-probs) and report XLA's "
+        "memory analysis.",
+    )
+    flags.DEFINE_integer("seq_len", 0, "--memory: tokens per sequence (0 = the data's length).")
+    flags.DEFINE_integer("accum_steps", 4, "--memory: microbatches of the grad-accum lever.")
+    flags.DEFINE_integer("chunk_size", 64, "--memory: positions per chunk of the logps lever.")
     FLAGS = flags.FLAGS
 
     def body():
         from tr_align import bench, trust_region
         from tr_align.config import ConfigError
 
+        if FLAGS.memory:
+            _, table = bench.memory(
+                FLAGS.config,
+                FLAGS.out,
+                seq_len=FLAGS.seq_len or None,
+                accum_steps=FLAGS.accum_steps,
+                chunk_size=FLAGS.chunk_size,
+            )
+            print(table)
+            print(f"tr-align: wrote {FLAGS.out} and {FLAGS.out}.md")
+            return
         if FLAGS.generate_model:
             _, table = bench.generation(FLAGS.generate_model, FLAGS.out)
             print(table)

@@ -12,6 +12,15 @@ import os
 
 from tr_align import losses, optim, pretrained, sharding
 from tr_align.models import LlamaConfig
+from tr_align.models.common import REMAT_POLICIES
+
+# Memory levers (README "Memory levers"): optional keys, absent = today's behaviour.
+OPTIONAL_DEFAULTS = {
+    "model.remat": "none",
+    "trust_region.ref_dtype": "float32",
+    "train.grad_accum_steps": 1,
+    "train.logps_chunk_size": 0,
+}
 
 REQUIRED_KEYS = (
     "train.steps",
@@ -67,6 +76,16 @@ def _get(config, key):
             node = node[part]
         except (KeyError, AttributeError):
             raise ConfigError(f"{key}: missing from the config") from None
+    return node
+
+
+def get_optional(config, key):
+    """``config[key]`` for a key of OPTIONAL_DEFAULTS, or its default when absent."""
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            return OPTIONAL_DEFAULTS[key]
+        node = node[part]
     return node
 
 
@@ -163,6 +182,28 @@ def validate(config, num_devices: int) -> None:
         config.model.dtype,
         "must be 'float32' or 'bfloat16'",
     )
+    remat = get_optional(config, "model.remat")
+    _check(
+        remat in REMAT_POLICIES, "model.remat", remat, f"must be one of {', '.join(REMAT_POLICIES)}"
+    )
+    ref_dtype = get_optional(config, "trust_region.ref_dtype")
+    _check(
+        ref_dtype in ("float32", "bfloat16"),
+        "trust_region.ref_dtype",
+        ref_dtype,
+        "must be 'float32' or 'bfloat16'",
+    )
+    accum = get_optional(config, "train.grad_accum_steps")
+    _check(
+        _is_int(accum) and accum >= 1, "train.grad_accum_steps", accum, "must be an integer >= 1"
+    )
+    chunk = get_optional(config, "train.logps_chunk_size")
+    _check(
+        _is_int(chunk) and chunk >= 0,
+        "train.logps_chunk_size",
+        chunk,
+        "must be an integer >= 0 (0 = off)",
+    )
     if not source:
         try:
             LlamaConfig(**{k: v for k, v in config.model.items() if k != "pretrained"})
@@ -187,6 +228,21 @@ def validate(config, num_devices: int) -> None:
             v,
             f"must be divisible by the data-parallel size mesh.data*mesh.fsdp={dp}",
         )
+
+    _check(
+        accum == 1 or lo.type not in UNPAIRED_LOSSES + SFT_LOSSES,
+        "train.grad_accum_steps",
+        accum,
+        f"must be 1 for loss.type={lo.type!r} (its batch statistics are not additive over "
+        "microbatches)",
+    )
+    _check(
+        t.batch_size % (accum * dp) == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"must be divisible by train.grad_accum_steps * mesh.data * mesh.fsdp = {accum} * {dp} "
+        "(every microbatch is split over the data-parallel devices)",
+    )
 
 
 def _validate_data(config) -> None:

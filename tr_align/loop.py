@@ -174,7 +174,10 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
     total_steps = num_steps(config.train, len(data.train))
     tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
     rng = jax.random.PRNGKey(config.train.seed)
-    make_state = functools.partial(init_state, init_fn=init_fn, tx=tx)
+    opt = functools.partial(config_lib.get_optional, config)
+    make_state = functools.partial(
+        init_state, init_fn=init_fn, tx=tx, ref_dtype=opt("trust_region.ref_dtype")
+    )
     abstract = jax.eval_shape(make_state, rng, params)
     shardings = sharding.state_shardings(mesh, abstract, hf.param_axes(model_config), rules)
     _, fallbacks = sharding.param_specs(
@@ -204,8 +207,16 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
             schedule=schedule,
             loss_cfg=config.loss,
             tr_cfg=config.trust_region,
+            grad_accum_steps=opt("train.grad_accum_steps"),
+            logps_chunk_size=opt("train.logps_chunk_size"),
         ),
-        eval_step=steps.compile_eval_step(mesh, shardings, apply_fn=apply_fn, loss_cfg=config.loss),
+        eval_step=steps.compile_eval_step(
+            mesh,
+            shardings,
+            apply_fn=apply_fn,
+            loss_cfg=config.loss,
+            logps_chunk_size=opt("train.logps_chunk_size"),
+        ),
         data=data,
     )
 

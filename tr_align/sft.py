@@ -29,14 +29,14 @@ def _token_count(batch, name="chosen"):
     return batch[f"{name}_loss_mask"][:, 1:].astype(jnp.float32).sum(-1)
 
 
-def train_step(state, batch, *, apply_fn, tx, schedule, loss_cfg, tr_cfg):
+def train_step(state, batch, *, apply_fn, tx, schedule, loss_cfg, tr_cfg, logps_chunk_size=0):
     """One optimizer step of SFT on ``batch['chosen_*']``. Pure; jit with ``compile_train_step``."""
     del loss_cfg, tr_cfg  # no reference, no beta
     rng, _ = jax.random.split(state.rng)
     tokens = _token_count(batch)
 
     def loss_fn(params):
-        chosen = chosen_logps(apply_fn, params, batch)
+        chosen = chosen_logps(apply_fn, params, batch, logps_chunk_size)
         return -chosen.sum() / jnp.maximum(tokens.sum(), 1.0), chosen
 
     (loss, chosen), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -53,19 +53,23 @@ def train_step(state, batch, *, apply_fn, tx, schedule, loss_cfg, tr_cfg):
     return new_state, metrics
 
 
-def chosen_logps(apply_fn, params, batch):
-    """Summed log-probs [B] of the chosen completions (a forward over the chosen rows only)."""
+def chosen_logps(apply_fn, params, batch, chunk_size: int = 0):
+    """Summed log-probs [B] of the chosen completions (a forward over the chosen rows only;
+    ``chunk_size``: see ``train.pair_logps``)."""
     ids, attn = batch["chosen_input_ids"], batch["chosen_attention_mask"]
-    logits = apply_fn(params, ids[:, :-1], attn[:, :-1])
-    return losses.sequence_logps(logits, ids[:, 1:], batch["chosen_loss_mask"][:, 1:])
+    labels, mask = ids[:, 1:], batch["chosen_loss_mask"][:, 1:]
+    if chunk_size:
+        hidden, head = apply_fn(params, ids[:, :-1], attn[:, :-1], split_head=True)
+        return losses.chunked_sequence_logps(hidden, head, labels, mask, chunk_size=chunk_size)
+    return losses.sequence_logps(apply_fn(params, ids[:, :-1], attn[:, :-1]), labels, mask)
 
 
-def eval_step(state, batch, *, apply_fn, loss_cfg):
+def eval_step(state, batch, *, apply_fn, loss_cfg, logps_chunk_size=0):
     """Held-out token NLL of the chosen completions (``eval/loss``, ``eval/perplexity``), and
     the implicit-reward accuracy against the initial policy (did SFT raise the chosen
     completion's log-prob more than the rejected one's)."""
     weight = batch["weight"]
-    pol_c, pol_r = pair_logps(apply_fn, state.params, batch)
+    pol_c, pol_r = pair_logps(apply_fn, state.params, batch, chunk_size=logps_chunk_size)
     tokens = _token_count(batch)
     nll = -jnp.sum(pol_c * weight) / jnp.maximum(jnp.sum(tokens * weight), 1.0)
     init_margin = (pol_c - batch["init_chosen_logps"]) - (pol_r - batch["init_rejected_logps"])
@@ -78,9 +82,28 @@ def eval_step(state, batch, *, apply_fn, loss_cfg):
     return metrics, (pol_c, pol_r)
 
 
-def compile_train_step(mesh, state_shardings, *, apply_fn, tx, schedule, loss_cfg, tr_cfg):
+def compile_train_step(
+    mesh,
+    state_shardings,
+    *,
+    apply_fn,
+    tx,
+    schedule,
+    loss_cfg,
+    tr_cfg,
+    grad_accum_steps: int = 1,
+    logps_chunk_size: int = 0,
+):
+    if grad_accum_steps != 1:  # a token mean over the batch: microbatch means would differ
+        raise ValueError("train.grad_accum_steps > 1 is not supported for loss.type='sft' yet")
     fn = functools.partial(
-        train_step, apply_fn=apply_fn, tx=tx, schedule=schedule, loss_cfg=loss_cfg, tr_cfg=tr_cfg
+        train_step,
+        apply_fn=apply_fn,
+        tx=tx,
+        schedule=schedule,
+        loss_cfg=loss_cfg,
+        tr_cfg=tr_cfg,
+        logps_chunk_size=logps_chunk_size,
     )
     batch_sh = {k: sharding.batch_sharding(mesh) for k in PAIR_KEYS}
     return jax.jit(
@@ -91,8 +114,10 @@ def compile_train_step(mesh, state_shardings, *, apply_fn, tx, schedule, loss_cf
     )
 
 
-def compile_eval_step(mesh, state_shardings, *, apply_fn, loss_cfg):
-    fn = functools.partial(eval_step, apply_fn=apply_fn, loss_cfg=loss_cfg)
+def compile_eval_step(mesh, state_shardings, *, apply_fn, loss_cfg, logps_chunk_size: int = 0):
+    fn = functools.partial(
+        eval_step, apply_fn=apply_fn, loss_cfg=loss_cfg, logps_chunk_size=logps_chunk_size
+    )
     batch_sh = sharding.batch_sharding(mesh)
     return jax.jit(
         fn,

@@ -12,6 +12,30 @@ applied after every ``tau``-th optimizer step. TRL exposes the same rule as
 here it is a tree op inside the jitted train step (cf. ``optax.incremental_update``
 and ``optax.periodic_update``), so with the state donated the reference is
 updated in place and never leaves the device.
+
+Reference precision (``trust_region.ref_dtype``)
+------------------------------------------------
+The reference may be stored in bfloat16 to halve its memory (the policy and the
+optimizer state stay float32). The update is then computed in float32 from the
+upcast reference and rounded to bfloat16 once, to nearest-even:
+
+    ref_bf16 <- bf16( alpha * policy_f32 + (1 - alpha) * f32(ref_bf16) )
+
+bfloat16 keeps 8 significant bits, so a reference value r is only representable
+to a spacing (ulp) of 2**(floor(log2|r|) - 7): 2**-7 = 0.0078 for |r| in [1, 2),
+1.2e-4 for |r| in [0.0156, 0.0313) (typical weights). A soft update moves r by
+alpha * (p - r); when that is below half an ulp the rounding returns r unchanged,
+and because the next update starts from the same r, the step is lost for good,
+not deferred: with alpha = 0.6, r = 1.0 stays put for any p in (1, 1.0065); with
+alpha = 0.01 it stays put for p = 1.3 (update 0.003 < 0.0039), so the bf16
+reference stalls where a float32 one would converge to p. Each applied update
+also carries a rounding error of at most half an ulp (relative 2**-8 = 0.39%).
+With the paper's soft settings (alpha 0.5-0.8, tau 1) and hard copies (alpha = 1,
+where bf16(p) is simply the policy rounded once) this is usually harmless; for
+small alpha keep ``ref_dtype = "float32"``. When a Llama-family model computes in
+bfloat16 (``model.dtype``) its forward casts every parameter to bfloat16 anyway, so
+a hard-copied bfloat16 reference gives exactly the log-probs of a float32 one
+(GPT-NeoX applies its LayerNorm scale and bias in float32).
 """
 
 from __future__ import annotations
@@ -45,10 +69,11 @@ def update_reference(ref_params, policy_params, step, *, alpha: float, tau: int)
         if step % tau == 0:  ref <- alpha * policy + (1 - alpha) * ref
         else:                ref unchanged
 
-    ``alpha = 1`` copies the policy exactly (hard update). ``step`` may be a
-    traced integer (no Python branching on it); ``alpha`` and ``tau`` are static
-    Python numbers. The result keeps each reference leaf's dtype, so a reference
-    stored in lower precision stays in it.
+    ``alpha = 1`` copies the policy (hard update). ``step`` may be a traced integer
+    (no Python branching on it); ``alpha`` and ``tau`` are static Python numbers.
+    The mix is computed in float32 (at least) from both operands and rounded once to
+    each reference leaf's dtype, so a reference stored in bfloat16 stays in it (see
+    the module doc for what the rounding loses).
 
     Args:
       ref_params: pytree of reference parameters.
@@ -66,7 +91,10 @@ def update_reference(ref_params, policy_params, step, *, alpha: float, tau: int)
         if alpha == 1.0:
             new = policy_params
         else:
-            new = optax.incremental_update(policy_params, ref, step_size=alpha)
+            up = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))  # noqa: E731
+            new = optax.incremental_update(
+                jax.tree.map(up, policy_params), jax.tree.map(up, ref), step_size=alpha
+            )
         return jax.tree.map(lambda n, r: n.astype(r.dtype), new, ref)
 
     if tau == 1:

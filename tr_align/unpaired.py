@@ -29,14 +29,15 @@ KEYS = tuple(
 )
 
 
-def completion_logps(apply_fn, params, batch):
-    """(completion log-probs [B], KL-row log-probs [B]) in one forward."""
+def completion_logps(apply_fn, params, batch, chunk_size: int = 0):
+    """(completion log-probs [B], KL-row log-probs [B]) in one forward (``chunk_size``: see
+    ``train.pair_logps``)."""
     as_pairs = {
         f"{new}_{f}": batch[f"{old}_{f}"]
         for new, old in (("chosen", "completion"), ("rejected", "kl"))
         for f in ("input_ids", "attention_mask", "loss_mask")
     }
-    return pair_logps(apply_fn, params, as_pairs)
+    return pair_logps(apply_fn, params, as_pairs, chunk_size=chunk_size)
 
 
 def _kto(loss_cfg, pol, pol_kl, ref, ref_kl, label, weight=None):
@@ -70,14 +71,15 @@ def _reward_metrics(prefix, rewards, label, weight=None):
     }
 
 
-def train_step(state, batch, *, apply_fn, tx, schedule, loss_cfg, tr_cfg):
+def train_step(state, batch, *, apply_fn, tx, schedule, loss_cfg, tr_cfg, logps_chunk_size=0):
     """One optimizer step of (TR-)KTO on an unpaired batch. Pure; jit with ``compile_train_step``."""
     rng, _ = jax.random.split(state.rng)
-    ref, ref_kl = jax.lax.stop_gradient(completion_logps(apply_fn, state.ref_params, batch))
+    logps = functools.partial(completion_logps, apply_fn, batch=batch, chunk_size=logps_chunk_size)
+    ref, ref_kl = jax.lax.stop_gradient(logps(state.ref_params))
     label = batch["label"]
 
     def loss_fn(params):
-        pol, pol_kl = completion_logps(apply_fn, params, batch)
+        pol, pol_kl = logps(params)
         per_example, rewards, kl = _kto(loss_cfg, pol, pol_kl, ref, ref_kl, label)
         return per_example.mean(), (pol, rewards, kl)
 
@@ -108,15 +110,16 @@ def train_step(state, batch, *, apply_fn, tx, schedule, loss_cfg, tr_cfg):
     return new_state, metrics
 
 
-def eval_step(state, batch, *, apply_fn, loss_cfg):
+def eval_step(state, batch, *, apply_fn, loss_cfg, logps_chunk_size=0):
     """Held-out metrics (rows weighted by ``batch['weight']``) and the policy's completion and
     KL-row log-probs. ``init_chosen_logps`` carries the *initial* policy's completion log-probs:
     ``eval/init_rewards/accuracies`` is the fraction of rows whose reward against the initial
     policy has the sign of the label."""
     weight = batch["weight"]
     label = batch["label"]
-    pol, pol_kl = completion_logps(apply_fn, state.params, batch)
-    ref, ref_kl = completion_logps(apply_fn, state.ref_params, batch)
+    logps = functools.partial(completion_logps, apply_fn, batch=batch, chunk_size=logps_chunk_size)
+    pol, pol_kl = logps(state.params)
+    ref, ref_kl = logps(state.ref_params)
     per_example, rewards, kl = _kto(loss_cfg, pol, pol_kl, ref, ref_kl, label, weight)
     init_reward = float(loss_cfg.beta) * (pol - batch["init_chosen_logps"])
     sign = 2.0 * label.astype(jnp.float32) - 1.0
@@ -132,9 +135,28 @@ def eval_step(state, batch, *, apply_fn, loss_cfg):
     return metrics, (pol, pol_kl)
 
 
-def compile_train_step(mesh, state_shardings, *, apply_fn, tx, schedule, loss_cfg, tr_cfg):
+def compile_train_step(
+    mesh,
+    state_shardings,
+    *,
+    apply_fn,
+    tx,
+    schedule,
+    loss_cfg,
+    tr_cfg,
+    grad_accum_steps: int = 1,
+    logps_chunk_size: int = 0,
+):
+    if grad_accum_steps != 1:  # the KL reference point is a batch mean: not additive
+        raise ValueError("train.grad_accum_steps > 1 is not supported for loss.type='kto'")
     fn = functools.partial(
-        train_step, apply_fn=apply_fn, tx=tx, schedule=schedule, loss_cfg=loss_cfg, tr_cfg=tr_cfg
+        train_step,
+        apply_fn=apply_fn,
+        tx=tx,
+        schedule=schedule,
+        loss_cfg=loss_cfg,
+        tr_cfg=tr_cfg,
+        logps_chunk_size=logps_chunk_size,
     )
     batch_sh = {k: sharding.batch_sharding(mesh) for k in KEYS + ("label",)}
     return jax.jit(
@@ -145,8 +167,10 @@ def compile_train_step(mesh, state_shardings, *, apply_fn, tx, schedule, loss_cf
     )
 
 
-def compile_eval_step(mesh, state_shardings, *, apply_fn, loss_cfg):
-    fn = functools.partial(eval_step, apply_fn=apply_fn, loss_cfg=loss_cfg)
+def compile_eval_step(mesh, state_shardings, *, apply_fn, loss_cfg, logps_chunk_size: int = 0):
+    fn = functools.partial(
+        eval_step, apply_fn=apply_fn, loss_cfg=loss_cfg, logps_chunk_size=logps_chunk_size
+    )
     batch_sh = sharding.batch_sharding(mesh)
     return jax.jit(
         fn,

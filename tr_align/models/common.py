@@ -29,12 +29,17 @@ def to_dict(tree: Any) -> Any:
     return tree
 
 
-def model_fns(module: nn.Module) -> tuple[Callable, Callable]:
+def model_fns(module: nn.Module, head_fn: Callable | None = None) -> tuple[Callable, Callable]:
     """(init_fn, apply_fn) for a decoder module.
 
     init_fn(rng) -> params: plain nested dict of float32 arrays.
     apply_fn(params, input_ids [B,T] int32, attention_mask [B,T] 0/1) -> logits
       [B,T,V] float32. Neither is jitted; wrap in jax.jit as needed.
+    apply_fn(..., split_head=True) -> (hidden [B,T,D] in the compute dtype, head) with
+      ``head(x [..., D]) -> logits [..., V] float32`` the output projection bound to
+      ``params`` (``head_fn(params, x)``), so ``head(hidden)`` equals the plain output.
+      Callers apply ``head`` piecewise to never hold all [B,T,V] logits at once
+      (``losses.chunked_sequence_logps``).
     """
 
     def init_fn(rng: jax.Array) -> dict:
@@ -43,9 +48,18 @@ def model_fns(module: nn.Module) -> tuple[Callable, Callable]:
         return to_dict(variables["params"])
 
     def apply_fn(
-        params: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None
-    ) -> jax.Array:
-        return module.apply({"params": params}, input_ids, attention_mask)
+        params: dict,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        split_head: bool = False,
+    ):
+        if not split_head:
+            return module.apply({"params": params}, input_ids, attention_mask)
+        if head_fn is None:
+            raise ValueError(f"{type(module).__name__}: split_head needs a head_fn")
+        hidden = module.apply({"params": params}, input_ids, attention_mask, return_hidden=True)
+        return hidden, functools.partial(head_fn, params)
 
     return init_fn, apply_fn
 
@@ -162,3 +176,30 @@ def tied_logits(x_BTD, embedding_VD, dtype):
     return jnp.einsum(
         "btd,vd->btv", x_BTD, embedding_VD.astype(dtype), preferred_element_type=jnp.float32
     )
+
+
+# model.remat: what the backward pass keeps of each decoder block's forward.
+#   none       keep every intermediate (fastest, most memory);
+#   full       keep only the block's input, recompute the rest in the backward pass;
+#   save_dots  keep the outputs of matmuls without batch dimensions (the q/k/v/o and MLP
+#              projections), recompute norms, activations, RoPE and the attention
+#              scores/softmax (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+def remat_block(block_cls: type[nn.Module], policy: str) -> type[nn.Module]:
+    """``block_cls`` wrapped in ``nn.remat`` for ``policy`` (one of REMAT_POLICIES).
+
+    Parameter names and values are unchanged; only what the backward pass stores differs.
+    """
+    if policy == "none":
+        return block_cls
+    if policy == "full":
+        return nn.remat(block_cls, prevent_cse=True)
+    if policy == "save_dots":
+        return nn.remat(
+            block_cls,
+            prevent_cse=True,
+            policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        )
+    raise ValueError(f"remat={policy!r}: expected one of {REMAT_POLICIES}")

@@ -107,6 +107,7 @@ class GPTNeoXConfig:
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     dtype: str = "float32"
+    remat: str = "none"  # per-block rematerialisation: none | full | save_dots (not exported)
 
     def __post_init__(self):
         for name in (
@@ -152,6 +153,10 @@ class GPTNeoXConfig:
         if self.dtype not in _DTYPES:
             raise ValueError(
                 f"GPTNeoXConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}"
+            )
+        if self.remat not in common.REMAT_POLICIES:
+            raise ValueError(
+                f"GPTNeoXConfig.remat must be one of {common.REMAT_POLICIES}, got {self.remat!r}"
             )
 
     @property
@@ -321,6 +326,9 @@ class Block(nn.Module):
 class GPTNeoX(nn.Module):
     """input_ids [B,T] int, attention_mask [B,T] 0/1 (right-padded) -> logits [B,T,V] f32.
 
+    ``return_hidden=True`` (plain forward only) returns the final-norm hidden states
+    [B,T,D] instead; ``head_logits`` maps them to the logits.
+
     Decoding mode (``cache`` given, see ``init_cache``): the chunk's tokens sit at cache
     slots ``cache_index .. cache_index + T - 1``; ``positions_BT`` are their rotary
     positions and ``kv_mask_BS`` marks the valid (non-padding) slots. A query attends
@@ -339,6 +347,7 @@ class GPTNeoX(nn.Module):
         cache_index=None,
         positions_BT=None,
         kv_mask_BS=None,
+        return_hidden=False,
     ):
         cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
         b, t = input_ids_BT.shape
@@ -362,11 +371,14 @@ class GPTNeoX(nn.Module):
         )
         cos_TR, sin_TR = rope_cos_sin(positions, cfg.rotary_ndims, cfg.rotary_emb_base)
 
-        blocks = [Block(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        block_cls = Block if cache is not None else common.remat_block(Block, cfg.remat)
+        blocks = [block_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
         x_BTD, new_cache = common.run_blocks(
             blocks, x_BTD, mask_BTS, cos_TR, sin_TR, cache, cache_index
         )
         x_BTD = LayerNorm(cfg.layer_norm_eps, dtype, name="final_layer_norm")(x_BTD)
+        if return_hidden and cache is None:
+            return x_BTD
         if cfg.tie_word_embeddings:
             logits = common.tied_logits(x_BTD, embed.embedding, dtype)
         else:
@@ -398,9 +410,19 @@ PARAM_AXES = (
 # Public API.
 
 
+def head_logits(config: GPTNeoXConfig, params: dict, x_BTD: jax.Array) -> jax.Array:
+    """The output projection of ``GPTNeoX`` alone: final-norm hidden [B,T,D] -> logits
+    [B,T,V] float32 (``embed_out``, or the ``embed_in`` transpose when tied), same ops."""
+    dtype = _DTYPES[config.dtype]
+    if config.tie_word_embeddings:
+        return common.tied_logits(x_BTD, params["embed_in"]["embedding"], dtype)
+    head = _dense(config, config.vocab_size, "embed_out", False, dot_general=common.F32_DOT)
+    return head.apply({"params": params["embed_out"]}, x_BTD).astype(jnp.float32)
+
+
 def make_model(config: GPTNeoXConfig) -> tuple[Callable, Callable]:
     """(init_fn, apply_fn): see ``common.model_fns`` (tree in the module doc)."""
-    return common.model_fns(GPTNeoX(config))
+    return common.model_fns(GPTNeoX(config), functools.partial(head_logits, config))
 
 
 def make_decode_fn(config: GPTNeoXConfig) -> Callable:

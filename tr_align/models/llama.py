@@ -91,6 +91,7 @@ class LlamaConfig:
     rope_scaling: dict | None = None
     sliding_window: int | None = None  # Mistral: attend to keys with q - k < sliding_window
     model_type: str = "llama"  # Hugging Face architecture to export as: llama | mistral | qwen2
+    remat: str = "none"  # per-block rematerialisation: none | full | save_dots (not exported)
 
     def __post_init__(self):
         for name in (
@@ -143,6 +144,10 @@ class LlamaConfig:
         if self.sliding_window is not None and not self.sliding_window > 0:
             raise ValueError(
                 f"LlamaConfig.sliding_window must be None or > 0, got {self.sliding_window!r}"
+            )
+        if self.remat not in common.REMAT_POLICIES:
+            raise ValueError(
+                f"LlamaConfig.remat must be one of {common.REMAT_POLICIES}, got {self.remat!r}"
             )
         if self.model_type not in HF_MODEL_TYPES:
             raise ValueError(
@@ -313,6 +318,9 @@ class Block(nn.Module):
 class Llama(nn.Module):
     """input_ids [B,T] int, attention_mask [B,T] 0/1 (right-padded) -> logits [B,T,V] f32.
 
+    ``return_hidden=True`` (plain forward only) returns the final-norm hidden states
+    [B,T,D] instead; ``head_logits`` maps them to the logits.
+
     Decoding mode (``cache`` given, see ``init_cache``): the chunk's tokens sit at cache
     slots ``cache_index .. cache_index + T - 1``; ``positions_BT`` are their rotary
     positions and ``kv_mask_BS`` marks the valid (non-padding) slots. A query attends
@@ -331,6 +339,7 @@ class Llama(nn.Module):
         cache_index=None,
         positions_BT=None,
         kv_mask_BS=None,
+        return_hidden=False,
     ):
         cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
         b, t = input_ids_BT.shape
@@ -355,11 +364,14 @@ class Llama(nn.Module):
         )
         cos_TE, sin_TE = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
-        blocks = [Block(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        block_cls = Block if cache is not None else common.remat_block(Block, cfg.remat)
+        blocks = [block_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
         x_BTD, new_cache = common.run_blocks(
             blocks, x_BTD, mask_BTS, cos_TE, sin_TE, cache, cache_index
         )
         x_BTD = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x_BTD)
+        if return_hidden and cache is None:
+            return x_BTD
         if cfg.tie_word_embeddings:
             logits = common.tied_logits(x_BTD, embed.embedding, dtype)
         else:
@@ -389,9 +401,19 @@ PARAM_AXES = (
 # Public API.
 
 
+def head_logits(config: LlamaConfig, params: dict, x_BTD: jax.Array) -> jax.Array:
+    """The output projection of ``Llama`` alone: final-norm hidden [B,T,D] -> logits
+    [B,T,V] float32 (``lm_head``, or the embedding transpose when tied), same ops."""
+    dtype = _DTYPES[config.dtype]
+    if config.tie_word_embeddings:
+        return common.tied_logits(x_BTD, params["embed_tokens"]["embedding"], dtype)
+    head = _dense(config, config.vocab_size, "lm_head", dot_general=common.F32_DOT)
+    return head.apply({"params": params["lm_head"]}, x_BTD).astype(jnp.float32)
+
+
 def make_model(config: LlamaConfig) -> tuple[Callable, Callable]:
     """(init_fn, apply_fn): see ``common.model_fns`` (tree in the module doc)."""
-    return common.model_fns(Llama(config))
+    return common.model_fns(Llama(config), functools.partial(head_logits, config))
 
 
 def make_decode_fn(config: LlamaConfig) -> Callable:
