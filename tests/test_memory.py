@@ -165,7 +165,7 @@ def _host(tree):
 
 def _batch(built, config):
     it = loader.train_iterator(
-        built.train_arrays, batch_size=config.train.batch_size, seed=config.train.seed
+        built.data.train, batch_size=config.train.batch_size, seed=config.train.seed
     )
     return sharding.put_batch(next(it), built.mesh)
 
@@ -297,9 +297,7 @@ def test_all_levers_bf16_master_state_and_reference_rule(tiny_config):
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(new_state))
     assert compiled.memory_analysis().alias_size_in_bytes >= state_bytes  # still in place
     zeros = tuple(np.zeros(config.data.num_eval, np.float32) for _ in range(2))
-    evals, logps = loop._run_eval(
-        built.eval_step, new_state, built.eval_arrays, zeros, built.mesh, 32
-    )
+    evals, logps = loop._run_eval(built.eval_step, new_state, built.data, zeros, built.mesh, 32)
     assert np.isfinite(evals["eval/loss"]) and np.all(np.isfinite(logps[0]))
 
 
