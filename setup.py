@@ -35,7 +35,7 @@ setup(
     extras_require={
         # data.source="tfds": read TFDS datasets through tfds.data_source (array_record), no TensorFlow
         "tfds": ["tensorflow-datasets>=4.9.6"],
-        "test": ["pytest>=8", "tensorflow-datasets>=4.9.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-datasets>=4.9.6"],
     },
     entry_points={"console_scripts": ["tr-align=tr_align.cli:main"]},
 )
