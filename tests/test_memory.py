@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from tr_align import bench, loop, losses, sharding, train, trust_region
+from tr_align import bench, hf, loop, losses, sharding, train, trust_region
 from tr_align.data import loader
 from tr_align.models import gpt_neox, llama
 
@@ -190,7 +190,8 @@ def test_grad_accumulation_and_chunked_logps_equal_the_plain_step(tiny_config):
     host_state = _host(state)
     batch = jax.device_get(_batch(built, config))
     kw = dict(
-        apply_fn=built.apply_fn,
+        # the plain model: built.apply_fn pins activations to build's 1-device mesh
+        apply_fn=hf.model_fns(built.model_config)[1],
         tx=tx,
         schedule=built.schedule,
         loss_cfg=config.loss,
