@@ -3,6 +3,9 @@ reference behaviour. References are hand values and numpy re-computations."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -67,6 +70,7 @@ def test_value_at_kl_interpolates_first_crossing():
     assert math.isnan(toy.value_at_kl(kl, vals, 5.0))
 
 
+@pytest.mark.slow
 def test_reference_frozen_for_vanilla_and_mixed_for_soft():
     s = toy.ToySettings(**{**TINY, "steps": 1})
     sft = toy.make_sft(s)(jax.random.split(jax.random.key(0), s.seeds))
@@ -124,3 +128,17 @@ def test_notebook_is_valid_and_calls_the_experiment():
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     assert "toy.main(" in code
     assert "toy_overoptimization.png" in code
+
+
+def test_cli_rejects_unknown_method_in_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "tr_align", "toy", f"--workdir={tmp_path}", "--methods=DPO,Nope"],
+        cwd=REPO,
+        env={**os.environ, "XLA_FLAGS": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "config error: --methods: unknown ['Nope']" in out.stderr
+    assert not (tmp_path / "toy_results.json").exists()
