@@ -25,6 +25,11 @@ Commands:
           tr-align plan ... --tpu=v5p-32   (the TPU compiler via libtpu; no TPU needed)
           tr-align bench --memory --config=configs/llama_100m.py --out=bench/memory.json
           (compiled train-step memory per memory lever, compile only)
+  toy     Toy overoptimization experiment (exact probabilities of all sequences; DPO/IPO/KTO-pair
+          vs their TR variants over several seeds): writes DIR/toy_results.json and
+          DIR/toy_overoptimization.png and prints the tables:
+          tr-align toy --workdir=DIR [--seeds=5] [--steps=500] [--methods=DPO,TR-DPO-soft]
+          [--model=mlp|llama] [--lr=1e-4] [--beta=0.1] [--hard_tau=50]
 
 Run ``tr-align COMMAND --help`` for a command's flags.
 """
@@ -362,6 +367,47 @@ def _plan_environment(argv) -> None:
         os.environ["XLA_FLAGS"] = " ".join(flags)
 
 
+def _toy(argv) -> None:
+    from absl import flags
+
+    from tr_align import toy
+
+    d = toy.ToySettings()
+    flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+    flags.DEFINE_integer("seeds", d.seeds, "Seeds (policy initialisations); mean ± std over them.")
+    flags.DEFINE_integer("steps", d.steps, "Preference-optimization steps per method.")
+    flags.DEFINE_list("methods", list(toy.METHODS), "Methods to run (names as in the table).")
+    flags.DEFINE_enum("model", d.model, ["mlp", "llama"], "Policy network.")
+    flags.DEFINE_float("lr", d.lr, "Adam learning rate of the preference optimization.")
+    flags.DEFINE_float("beta", d.beta, "beta of every loss.")
+    flags.DEFINE_integer("hard_tau", d.hard_tau, "Hard TR: copy the policy every hard_tau steps.")
+    FLAGS = flags.FLAGS
+
+    def body():
+        from tr_align.config import ConfigError
+
+        settings = toy.ToySettings(
+            seeds=FLAGS.seeds,
+            steps=FLAGS.steps,
+            model=FLAGS.model,
+            lr=FLAGS.lr,
+            beta=FLAGS.beta,
+            hard_tau=FLAGS.hard_tau,
+        )
+        try:
+            settings.validate()
+            unknown = [m for m in FLAGS.methods if m not in toy.METHODS]
+            if unknown:
+                raise ValueError(
+                    f"--methods: unknown {unknown}; expected some of {list(toy.METHODS)}"
+                )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        toy.main(FLAGS.workdir, settings, FLAGS.methods)
+
+    _run_app(argv, "toy", body)
+
+
 COMMANDS = {
     "train": _train,
     "sft": _sft,
@@ -370,6 +416,7 @@ COMMANDS = {
     "generate": _generate,
     "bench": _bench,
     "plan": _plan,
+    "toy": _toy,
 }
 
 
