@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from tr_align import hf, optim, sharding
-from tr_align.config import ConfigError
+from tr_align.config import ConfigError, get_optional
 from tr_align.models import LlamaConfig, count_params
 from tr_align.train import PAIR_KEYS, compile_train_step, init_state
 
@@ -202,7 +202,7 @@ def model_config_from(config, model_path: str | None):
         model_config = hf.config_from_hf(hf_config, where=file)
     except ValueError as e:
         raise ConfigError(f"{file}: {e}") from None
-    return dataclasses.replace(model_config, dtype=dtype)
+    return dataclasses.replace(model_config, dtype=dtype, remat=get_optional(config, "model.remat"))
 
 
 def _shard_bytes(abstract, shardings) -> int:
@@ -257,12 +257,17 @@ def plan(
     if seq_len < 2:
         raise ConfigError(f"--seq_len={seq_len}: must be >= 2")
 
+    opt = functools.partial(get_optional, config)
+    rules = sharding.make_rules(config.mesh.get("rules", ()))
     init_fn, apply_fn = hf.model_fns(model_config)
+    apply_fn = sharding.with_activation_sharding(apply_fn, mesh, rules)
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps)
-    make_state = functools.partial(init_state, init_fn=init_fn, tx=tx)
+    make_state = functools.partial(
+        init_state, init_fn=init_fn, tx=tx, ref_dtype=opt("trust_region.ref_dtype")
+    )
     rng = jax.ShapeDtypeStruct((2,), np.uint32)
     abstract = jax.eval_shape(make_state, rng, None)
-    shardings = sharding.state_shardings(mesh, abstract)
+    shardings = sharding.state_shardings(mesh, abstract, hf.param_axes(model_config), rules)
     step = compile_train_step(
         mesh,
         shardings,
@@ -271,6 +276,8 @@ def plan(
         schedule=schedule,
         loss_cfg=config.loss,
         tr_cfg=config.trust_region,
+        grad_accum_steps=opt("train.grad_accum_steps"),
+        logps_chunk_size=opt("train.logps_chunk_size"),
     )
     batch_abstract = {k: jax.ShapeDtypeStruct((batch, seq_len), np.int32) for k in PAIR_KEYS}
     batch_sh = {k: sharding.batch_sharding(mesh) for k in PAIR_KEYS}
@@ -316,6 +323,15 @@ def plan(
         "batch_pairs_per_shard": batch // dp,
         "loss": config.loss.type,
         "trust_region": {k: config.trust_region[k] for k in ("enabled", "alpha", "tau")},
+        "levers": {
+            k: get_optional(config, k)
+            for k in (
+                "model.remat",
+                "trust_region.ref_dtype",
+                "train.grad_accum_steps",
+                "train.logps_chunk_size",
+            )
+        },
         "state_sharding": _describe_sharding(shardings.params),
         "compile_s": round(compile_s, 1),
         "bytes": sizes,
