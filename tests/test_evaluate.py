@@ -193,7 +193,7 @@ def text_model(tmp_path_factory):
         tie_word_embeddings=True,
     )
     init_fn, _ = hf.model_fns(cfg)
-    hf.save_pretrained(init_fn(jax.random.PRNGKey(0)), cfg, str(out))
+    hf.save_pretrained(jax.jit(init_fn)(jax.random.PRNGKey(0)), cfg, str(out))
     for f in (FIXTURES / "tokenizer").iterdir():
         shutil.copy(f, out)
     return str(out)
@@ -243,6 +243,11 @@ def test_prompts_from_a_config_are_its_eval_split():
     )
 
 
+def test_unknown_policy_is_a_one_line_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a model"):
+        evaluate.load_policy(str(tmp_path / "nope"))
+
+
 def test_bad_prompts_file_names_the_record(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
@@ -276,20 +281,14 @@ def test_eval_cli(text_model, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| policy |" in out.stdout and (tmp_path / "out" / "eval.json").exists()
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tr_align",
-            "eval",
-            f"--policy={tmp_path}/nope",
-            f"--prompts={prompts_file}",
-            f"--out={tmp_path / 'o2'}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert bad.returncode == 2 and "not a model" in bad.stderr
+
+
+def test_logprob_scorer_is_the_models_completion_loglik(text_model):
+    scorer = scorers.make_scorer(f"logprob:{text_model}")
+    m = scorer.model
+    x = m.tokenizer.encode("The sea")
+    y = m.tokenizer.encode(" is calm", add_special_tokens=False)
+    ids = np.asarray([x + y], np.int32)
+    lp = _log_softmax(m.apply_fn(m.params, ids, np.ones_like(ids)))[0]
+    want = sum(lp[len(x) - 1 + t, y[t]] for t in range(len(y)))
+    assert scorer(["The sea"], [" is calm"])[0] == pytest.approx(want, abs=1e-3)

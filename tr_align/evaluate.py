@@ -120,6 +120,7 @@ def restore_run_params(workdir: str, *, step: int | None = None, which: str = "p
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
+@functools.lru_cache(maxsize=8)
 def _tokenizer_or_none(source: str):
     if os.path.isdir(source) and not any(
         os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES
@@ -570,6 +571,7 @@ def run(
     if not policies:
         raise ValueError("--policy: give at least one model or run directory")
     models = [load_policy(p) for p in policies]
+    loaded: dict[str, Model] = {p: m for p, m in zip(policies, models) if m.step is None}
     if prompts_file:
         tokenizer = models[0].tokenizer
         if tokenizer is None:
@@ -583,12 +585,11 @@ def run(
         prompts = prompts[:num_prompts]
     scorers = {s: scorers_lib.make_scorer(s) for s in scorer_specs}
     judge = scorers_lib.make_judge(judge_spec) if judge_spec else None
-    sft_cache: dict[str, Model] = {}
 
-    def get(source):
-        if source not in sft_cache:
-            sft_cache[source] = load_policy(source)
-        return sft_cache[source]
+    def get(source):  # SFT / baseline models, loaded once (a policy given again is reused)
+        if source not in loaded:
+            loaded[source] = load_policy(source)
+        return loaded[source]
 
     results, rows = [], []
     for model in models:

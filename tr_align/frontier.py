@@ -376,7 +376,8 @@ def frontier_at(points, budgets, sft_point):
 def summarize(runs, sft_point, num_budgets: int = 4) -> dict:
     """Per method (mean over seeds): the best reward within common KL budgets (evenly spaced
     up to the smallest of the methods' largest KLs, so every method is compared on a range it
-    reached), and the last checkpoint's KL and reward."""
+    reached), the peak reward over checkpoints and its KL (a max over noisy points, so biased
+    up), and the last checkpoint's KL and reward."""
     methods = sorted({r["method"] for r in runs}, key=list(_LABELS).index)
     max_kl = min(
         max([p["kl"] for r in runs if r["method"] == m for p in r["points"]] or [0.0])
@@ -389,6 +390,10 @@ def summarize(runs, sft_point, num_budgets: int = 4) -> dict:
         at = np.mean([frontier_at(r["points"], budgets, sft_point) for r in rs], axis=0)
         out["methods"][m] = {
             "best_reward_within_kl": [float(x) for x in at],
+            "peak_reward": float(np.mean([max(p["reward"] for p in r["points"]) for r in rs])),
+            "kl_at_peak": float(
+                np.mean([max(r["points"], key=lambda p: p["reward"])["kl"] for r in rs])
+            ),
             "final_kl": float(np.mean([r["points"][-1]["kl"] for r in rs])),
             "final_reward": float(np.mean([r["points"][-1]["reward"] for r in rs])),
             "seeds": len(rs),
@@ -405,22 +410,19 @@ def plot(result: dict, out_path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
     sft = result["sft"]
     colors = {m: f"C{i}" for i, m in enumerate(_LABELS)}
-    seen = set()
-    for r in result["runs"]:
-        m = r["method"]
-        kl = [0.0] + [p["kl"] for p in r["points"]]
-        rw = [sft["reward"]] + [p["reward"] for p in r["points"]]
-        ax.plot(
-            kl,
-            rw,
-            marker=_MARKERS.get(m, "o"),
-            color=colors.get(m),
-            ms=4,
-            lw=1.2,
-            alpha=0.85,
-            label=None if m in seen else _LABELS.get(m, m),
-        )
-        seen.add(m)
+    for m in dict.fromkeys(r["method"] for r in result["runs"]):
+        rs = [r for r in result["runs"] if r["method"] == m]
+        for r in rs:  # each seed, faint
+            kl = [0.0] + [p["kl"] for p in r["points"]]
+            rw = [sft["reward"]] + [p["reward"] for p in r["points"]]
+            ax.plot(kl, rw, color=colors.get(m), lw=0.8, alpha=0.25)
+        n = min(len(r["points"]) for r in rs)  # the mean over seeds, checkpoint by checkpoint
+        kl = [0.0] + [float(np.mean([r["points"][i]["kl"] for r in rs])) for i in range(n)]
+        rw = [sft["reward"]] + [
+            float(np.mean([r["points"][i]["reward"] for r in rs])) for i in range(n)
+        ]
+        label = _LABELS.get(m, m) + (f" (mean of {len(rs)} seeds)" if len(rs) > 1 else "")
+        ax.plot(kl, rw, marker=_MARKERS.get(m, "o"), color=colors.get(m), ms=5, lw=1.8, label=label)
     ax.errorbar(
         [0.0],
         [sft["reward"]],
@@ -436,7 +438,7 @@ def plot(result: dict, out_path: str) -> None:
     ax.set_ylabel(f"gold reward ({s['reward']}) on held-out prompts")
     ax.set_title(
         f"reward/KL frontier: {s['dpo']['steps']} steps, beta={s['dpo']['beta']}, "
-        f"seeds {list(s['seeds'])}; points every {s['dpo']['eval_every']} steps",
+        f"points every {s['dpo']['eval_every']} steps; faint lines: single seeds",
         fontsize=9,
     )
     ax.grid(alpha=0.3)
@@ -532,12 +534,13 @@ def describe(result: dict) -> str:
     budgets = ", ".join(f"{b:.2f}" for b in s["kl_budgets"])
     lines = [
         f"frontier: best held-out gold reward within KL budgets [{budgets}] (SFT: "
-        f"{result['sft']['reward']:.3f}); final KL and reward"
+        f"{result['sft']['reward']:.3f}); peak reward; final KL and reward"
     ]
     for m, v in s["methods"].items():
         at = ", ".join(f"{x:.3f}" for x in v["best_reward_within_kl"])
         lines.append(
-            f"  {_LABELS.get(m, m):24s} [{at}]   final KL {v['final_kl']:.3f}, reward "
+            f"  {_LABELS.get(m, m):24s} [{at}]   peak {v['peak_reward']:.3f} at KL "
+            f"{v['kl_at_peak']:.2f}; final KL {v['final_kl']:.3f}, reward "
             f"{v['final_reward']:.3f} ({v['seeds']} seed(s))"
         )
     lines.append(f"  wall time {result['wall_time_s']:.0f}s; timings {result['timings']}")
