@@ -4,8 +4,8 @@
     tr-align frontier --workdir=runs/frontier                              # reduced setting
     tr-align frontier --workdir=runs/frontier_full --config=configs/frontier.py:full
 
-The reduced setting (default) takes about 15 minutes on 2 CPU cores (measured on a shared,
-busy machine): SFT 150 steps, 8 pairs per training prompt (~5,300 pairs), 300 alignment
+The reduced setting (default) took 749 s (12.5 minutes) on 2 CPU cores of a shared, busy
+machine: SFT 150 steps, 8 pairs per training prompt (~5,300 pairs), 300 alignment
 steps per method and seed, 3 seeds, 64 held-out prompts x 8 samples per checkpoint (every 30
 steps). The ``full`` preset is the documented full setting: a 4-layer 128-wide model, 16
 pairs per prompt (~10,000 pairs), 1000 alignment steps, 5 seeds, 16 samples per held-out
