@@ -35,7 +35,15 @@ setup(
     extras_require={
         # data.source="tfds": read TFDS datasets through tfds.data_source (array_record), no TensorFlow
         "tfds": ["tensorflow-datasets>=4.9.6"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-datasets>=4.9.6"],
+        # tr-align frontier: the movie-review corpus (gensim's test data) and the gold reward
+        "frontier": ["gensim>=4.3", "vaderSentiment>=3.3"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "tensorflow-datasets>=4.9.6",
+            "gensim>=4.3",
+            "vaderSentiment>=3.3",
+        ],
     },
     entry_points={"console_scripts": ["tr-align=tr_align.cli:main"]},
 )

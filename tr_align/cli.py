@@ -15,6 +15,13 @@ Commands:
   generate  Complete prompts with a pretrained model (KV-cache decoding):
           tr-align generate --model=PATH|smollm2 --prompt="..." [--chat] [--max_new_tokens=64]
           [--temperature=0] [--top_k=0] [--top_p=1] [--seed=0]
+  eval    Sample completions for held-out prompts; KL to the SFT model, reward scores, win rate:
+          tr-align eval --policy=runs/dpo [--policy=MODEL2 ...] --prompts=prompts.jsonl
+          [--sft=MODEL] [--scorer=vader --scorer=module:function] [--judge=score:length|http]
+          [--baseline=MODEL|completions.jsonl] [--samples_per_prompt=1] --out=eval/
+          (prompts from a config's held-out split instead: --config=configs/hh_tiny.py)
+  frontier  The offline gold-reward/KL frontier of DPO vs TR-DPO (soft, hard) on review prefixes:
+          tr-align frontier --workdir=runs/frontier [--config=configs/frontier.py[:full]]
   bench   Time and memory of the compiled train step, frozen vs. trust-region reference:
           tr-align bench --config=configs/default.py --out=bench/default.json [--config.KEY=VALUE ...]
           tr-align bench --generate_model=smollm2 --out=bench/generate.json   (tokens/s)
@@ -228,6 +235,130 @@ def _generate(argv) -> None:
     _run_app(argv, "generate", body)
 
 
+def _eval(argv) -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config",
+        default=None,
+        help_string="Take the prompts from this training config's "
+        "held-out split (instead of --prompts).",
+        lock_config=False,
+    )
+    flags.DEFINE_multi_string(
+        "policy",
+        None,
+        "Model to evaluate: HF directory, .gguf, 'smollm2', a run directory "
+        "(newest checkpoint) or RUNDIR@STEP. Repeat for several (one table row each).",
+        required=True,
+    )
+    flags.DEFINE_string(
+        "prompts",
+        "",
+        "JSON/JSONL prompts: strings or records with 'prompt' "
+        "(a string or a list of chat messages).",
+    )
+    flags.DEFINE_string(
+        "out", None, "Output directory (eval.json, eval.md, completions.jsonl).", required=True
+    )
+    flags.DEFINE_string(
+        "sft", None, "KL reference model (default: a run directory's starting model; '' = no KL)."
+    )
+    flags.DEFINE_multi_string(
+        "scorer", [], "length | vader | logprob:MODEL | module:function (repeatable)."
+    )
+    flags.DEFINE_string(
+        "judge",
+        "",
+        "Pairwise judge: score:SCORER (local, deterministic) or "
+        "http (TR_ALIGN_JUDGE_URL / _MODEL / _API_KEY from the environment).",
+    )
+    flags.DEFINE_string(
+        "baseline",
+        "",
+        "The judge's baseline: a model, or a JSON/JSONL file of "
+        "records with 'completion' (default: the SFT model).",
+    )
+    flags.DEFINE_bool("chat", False, "Wrap string prompts as a user turn (chat template).")
+    flags.DEFINE_integer("num_prompts", 0, "Use the first N prompts (0 = all).")
+    flags.DEFINE_integer("samples_per_prompt", 1, "Completions sampled per prompt.")
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens per completion (at most).")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature (1 for an unbiased KL).")
+    flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("batch_size", 32, "Rows per generation / scoring batch.")
+    FLAGS = flags.FLAGS
+
+    def body():
+        from tr_align import evaluate
+
+        try:
+            _, table = evaluate.run(
+                FLAGS.policy,
+                FLAGS.out,
+                prompts_file=FLAGS.prompts,
+                config=FLAGS.config,
+                sft=FLAGS.sft,
+                scorer_specs=FLAGS.scorer,
+                judge_spec=FLAGS.judge,
+                baseline=FLAGS.baseline,
+                chat=FLAGS.chat,
+                num_prompts=FLAGS.num_prompts,
+                samples_per_prompt=FLAGS.samples_per_prompt,
+                max_new_tokens=FLAGS.max_new_tokens,
+                temperature=FLAGS.temperature,
+                top_k=FLAGS.top_k,
+                top_p=FLAGS.top_p,
+                seed=FLAGS.seed,
+                batch_size=FLAGS.batch_size,
+            )
+        except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+            print(f"tr-align: eval: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(table)
+        print(f"tr-align: wrote {FLAGS.out}/eval.json, eval.md and completions.jsonl")
+
+    _run_app(argv, "eval", body)
+
+
+def _frontier(argv) -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    default = os.path.join(os.path.dirname(_REPO_DEFAULT_CONFIG), "frontier.py")
+    config_flags.DEFINE_config_file(
+        "config",
+        default=default if os.path.exists(default) else None,
+        help_string="Frontier config (configs/frontier.py; ':full' for the full setting).",
+        lock_config=True,
+    )
+    flags.DEFINE_string(
+        "workdir", None, "Output directory (reused stages are skipped).", required=True
+    )
+    FLAGS = flags.FLAGS
+
+    def body():
+        from tr_align import frontier
+
+        if FLAGS.config is None:
+            print(
+                "tr-align: frontier: --config=configs/frontier.py is required outside the "
+                "repository",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        try:
+            frontier.run(FLAGS.config, FLAGS.workdir)
+        except (FileNotFoundError, ImportError) as e:
+            print(f"tr-align: frontier: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"tr-align: wrote {FLAGS.workdir}/frontier.json and frontier.png")
+
+    _run_app(argv, "frontier", body)
+
+
 def _data(argv) -> None:
     from absl import flags
 
@@ -414,6 +545,8 @@ COMMANDS = {
     "data": _data,
     "export": _export,
     "generate": _generate,
+    "eval": _eval,
+    "frontier": _frontier,
     "bench": _bench,
     "plan": _plan,
     "toy": _toy,
