@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tr_align import losses, sharding
-from tr_align.train import PAIR_KEYS, _mean, pair_logps
+from tr_align import losses
+from tr_align.train import PAIR_KEYS, _mean, jit_eval_step, jit_train_step, pair_logps
 
 
 def _token_count(batch, name="chosen"):
@@ -105,22 +105,11 @@ def compile_train_step(
         tr_cfg=tr_cfg,
         logps_chunk_size=logps_chunk_size,
     )
-    batch_sh = {k: sharding.batch_sharding(mesh) for k in PAIR_KEYS}
-    return jax.jit(
-        fn,
-        in_shardings=(state_shardings, batch_sh),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    return jit_train_step(fn, mesh, state_shardings, PAIR_KEYS)
 
 
 def compile_eval_step(mesh, state_shardings, *, apply_fn, loss_cfg, logps_chunk_size: int = 0):
     fn = functools.partial(
         eval_step, apply_fn=apply_fn, loss_cfg=loss_cfg, logps_chunk_size=logps_chunk_size
     )
-    batch_sh = sharding.batch_sharding(mesh)
-    return jax.jit(
-        fn,
-        in_shardings=(state_shardings, batch_sh),
-        out_shardings=(sharding.replicated(mesh), batch_sh),
-    )
+    return jit_eval_step(fn, mesh, state_shardings)

@@ -135,6 +135,21 @@ def _reward_metrics(prefix, chosen_rewards, rejected_rewards, weight=None):
     }
 
 
+def apply_gradients(state: TrainState, grads, *, tx, tr_cfg):
+    """Steps 4 and 5: the optax update of the policy, then the trust-region reference update
+    (none when ``tr_cfg.enabled`` is False). Returns (params, ref_params, opt_state, step)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    if tr_cfg.enabled:
+        ref_params = trust_region.update_reference(
+            state.ref_params, params, step, alpha=float(tr_cfg.alpha), tau=int(tr_cfg.tau)
+        )
+    else:
+        ref_params = state.ref_params
+    return params, ref_params, opt_state, step
+
+
 def microbatches(batch, k: int):
     """[B, ...] arrays -> [k, B / k, ...]: microbatch j holds rows j, j + k, j + 2k, ...
 
@@ -226,16 +241,7 @@ def train_step(
         per_pair = jax.tree.map(unmicrobatch, per_pair)
     pol_c, pol_r, ref_c, ref_r, c_rew, r_rew = per_pair
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    step = state.step + 1
-
-    if tr_cfg.enabled:
-        ref_params = trust_region.update_reference(
-            state.ref_params, params, step, alpha=float(tr_cfg.alpha), tau=int(tr_cfg.tau)
-        )
-    else:
-        ref_params = state.ref_params
+    params, ref_params, opt_state, step = apply_gradients(state, grads, tx=tx, tr_cfg=tr_cfg)
 
     metrics = {
         "loss": loss,
@@ -290,6 +296,29 @@ def eval_step(state: TrainState, batch, *, apply_fn, loss_cfg, logps_chunk_size:
     return metrics, (pol_c, pol_r)
 
 
+def jit_train_step(step_fn, mesh, state_shardings, batch_keys):
+    """``step_fn(state, batch) -> (state, metrics)`` jitted over ``mesh``: the state in and out
+    with ``state_shardings`` and donated, batch arrays ``batch_keys`` split over the
+    data-parallel axes, metrics replicated."""
+    batch_sh = {k: sharding.batch_sharding(mesh) for k in batch_keys}
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sh),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_step(eval_fn, mesh, state_shardings):
+    """``eval_fn(state, batch) -> (metrics, per-row outputs)`` jitted over ``mesh``."""
+    batch_sh = sharding.batch_sharding(mesh)
+    return jax.jit(
+        eval_fn,
+        in_shardings=(state_shardings, batch_sh),
+        out_shardings=(sharding.replicated(mesh), batch_sh),
+    )
+
+
 def compile_train_step(
     mesh,
     state_shardings,
@@ -313,22 +342,11 @@ def compile_train_step(
         grad_accum_steps=grad_accum_steps,
         logps_chunk_size=logps_chunk_size,
     )
-    batch_sh = {k: sharding.batch_sharding(mesh) for k in PAIR_KEYS}
-    return jax.jit(
-        fn,
-        in_shardings=(state_shardings, batch_sh),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    return jit_train_step(fn, mesh, state_shardings, PAIR_KEYS)
 
 
 def compile_eval_step(mesh, state_shardings, *, apply_fn, loss_cfg, logps_chunk_size: int = 0):
     fn = functools.partial(
         eval_step, apply_fn=apply_fn, loss_cfg=loss_cfg, logps_chunk_size=logps_chunk_size
     )
-    batch_sh = sharding.batch_sharding(mesh)
-    return jax.jit(
-        fn,
-        in_shardings=(state_shardings, batch_sh),
-        out_shardings=(sharding.replicated(mesh), batch_sh),
-    )
+    return jit_eval_step(fn, mesh, state_shardings)

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tr_align import losses, sharding, trust_region
-from tr_align.train import _mean, pair_logps
+from tr_align import losses, trust_region
+from tr_align.train import _mean, apply_gradients, jit_eval_step, jit_train_step, pair_logps
 
 KEYS = tuple(
     f"{k}_{f}" for k in ("completion", "kl") for f in ("input_ids", "attention_mask", "loss_mask")
@@ -84,15 +84,7 @@ def train_step(state, batch, *, apply_fn, tx, schedule, loss_cfg, tr_cfg, logps_
         return per_example.mean(), (pol, rewards, kl)
 
     (loss, (pol, rewards, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    step = state.step + 1
-    if tr_cfg.enabled:
-        ref_params = trust_region.update_reference(
-            state.ref_params, params, step, alpha=float(tr_cfg.alpha), tau=int(tr_cfg.tau)
-        )
-    else:
-        ref_params = state.ref_params
+    params, ref_params, opt_state, step = apply_gradients(state, grads, tx=tx, tr_cfg=tr_cfg)
     metrics = {
         "loss": loss,
         **_reward_metrics("", rewards, label),
@@ -158,22 +150,11 @@ def compile_train_step(
         tr_cfg=tr_cfg,
         logps_chunk_size=logps_chunk_size,
     )
-    batch_sh = {k: sharding.batch_sharding(mesh) for k in KEYS + ("label",)}
-    return jax.jit(
-        fn,
-        in_shardings=(state_shardings, batch_sh),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    return jit_train_step(fn, mesh, state_shardings, KEYS + ("label",))
 
 
 def compile_eval_step(mesh, state_shardings, *, apply_fn, loss_cfg, logps_chunk_size: int = 0):
     fn = functools.partial(
         eval_step, apply_fn=apply_fn, loss_cfg=loss_cfg, logps_chunk_size=logps_chunk_size
     )
-    batch_sh = sharding.batch_sharding(mesh)
-    return jax.jit(
-        fn,
-        in_shardings=(state_shardings, batch_sh),
-        out_shardings=(sharding.replicated(mesh), batch_sh),
-    )
+    return jit_eval_step(fn, mesh, state_shardings)
