@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from tr_align import checkpoint, hf, optim, plotting, pretrained, sft, sharding, train, unpaired
 from tr_align import config as config_lib
-from tr_align.data import batching, loader, pipeline, tokenize
+from tr_align.data import batching, loader, pipeline
 from tr_align.metrics import MetricWriter
 from tr_align.models import count_params
 from tr_align.train import init_state
@@ -79,12 +79,10 @@ def _run_eval(p_eval, state, data, init_logps, mesh, batch_size):
     pi, pc = jax.process_index(), jax.process_count()
     local = batch_size // pc
     totals, weight_sum, logps = {}, 0.0, ([], [])
-    n = len(data.eval)
-    batches = loader.eval_batches(data.eval, batch_size, buckets=data.buckets, pad_id=data.pad_id)
-    for start, batch in zip(range(0, n, batch_size), batches):
-        idx = np.minimum(np.arange(start, start + batch_size), n - 1)
-        batch["init_chosen_logps"] = init_logps[0][idx]
-        batch["init_rejected_logps"] = init_logps[1][idx]
+    per_row = {"init_chosen_logps": init_logps[0], "init_rejected_logps": init_logps[1]}
+    for batch in loader.eval_batches(
+        data.eval, batch_size, buckets=data.buckets, pad_id=data.pad_id, per_row=per_row
+    ):
         host = {k: v[pi * local : (pi + 1) * local] for k, v in batch.items()}
         metrics, pol_logps = p_eval(state, sharding.put_batch(host, mesh))
         w = float(batch["weight"].sum())
@@ -127,23 +125,16 @@ def num_steps(train_cfg, num_examples: int) -> int:
 
 def load_data(config, model_config, *, progress: bool = True) -> pipeline.Data:
     """The run's train/eval data (``config.data``); raises DataError/ConfigError on bad input."""
-    if config.data.source == "synthetic":
-        data = pipeline.synthetic_data(
-            config.data, vocab_size=model_config.vocab_size, seed=config.train.seed
-        )
-        if config.loss.type in pipeline.UNPAIRED_LOSSES:
-            data = dataclasses.replace(
-                data, train=tokenize.unpair(data.train), eval=tokenize.unpair(data.eval)
-            )
-        return data
-    tokenizer = pipeline.load_tokenizer(config)
-    source = config.data.get("tokenizer") or config.model.get("pretrained", "")
-    if len(tokenizer) > model_config.vocab_size:
+    data, tokenizer = pipeline.from_config(
+        config, vocab_size=model_config.vocab_size, progress=progress
+    )
+    if tokenizer is not None and len(tokenizer) > model_config.vocab_size:
+        source = config.data.get("tokenizer") or config.model.get("pretrained", "")
         raise config_lib.ConfigError(
             f"data.tokenizer={source!r}: its {len(tokenizer)} tokens exceed the model's "
             f"vocab_size={model_config.vocab_size}"
         )
-    return pipeline.load(config, tokenizer, progress=progress)
+    return data
 
 
 def build(config, devices=None, *, progress: bool = True) -> Built:
@@ -162,12 +153,7 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
     model_config, init_fn, apply_fn, params = pretrained.load(config.model, param_shardings)
     apply_fn = sharding.with_activation_sharding(apply_fn, mesh, rules)
     data = load_data(config, model_config, progress=progress)
-    if config.loss.type == "sft":
-        if not data.paired:
-            raise config_lib.ConfigError(
-                "loss.type='sft' trains on the chosen completions of paired data; "
-                f"data.format={config.data.format!r} is unpaired"
-            )
+    if config.loss.type == "sft":  # paired data: config.validate refuses data.format='kto'
         steps = sft
     else:
         steps = train if data.paired else unpaired

@@ -47,13 +47,8 @@ def load(config, *, progress: bool = True):
     from tr_align.config import validate
 
     validate(config, jax.device_count())
-    if config.data.source == "synthetic":
-        data = pipeline.synthetic_data(
-            config.data, vocab_size=config.model.vocab_size, seed=config.train.seed
-        )
-        return data, None
-    tokenizer = pipeline.load_tokenizer(config)
-    return pipeline.load(config, tokenizer, progress=progress), tokenizer
+    # the synthetic task's vocabulary is the from-scratch model's
+    return pipeline.from_config(config, vocab_size=config.model.vocab_size, progress=progress)
 
 
 def inspect(config, *, num_examples: int = 3, color: bool | None = None, out=None) -> dict:

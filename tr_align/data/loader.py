@@ -52,9 +52,13 @@ def train_iterator(
     return iter(grain.MapDataset.source(order).map(pad).to_iter_dataset())
 
 
-def eval_batches(data: TokenizedSet, batch_size: int, *, buckets=None, pad_id: int = 0):
+def eval_batches(
+    data: TokenizedSet, batch_size: int, *, buckets=None, pad_id: int = 0, per_row=None
+):
     """Fixed-order global eval batches; the last one is padded by repeating row 0 and every
-    batch carries a ``weight`` array (1 for real rows, 0 for padding)."""
+    batch carries a ``weight`` array (1 for real rows, 0 for padding). ``per_row``: more
+    arrays with one entry per example (e.g. the initial policy's log-probs), gathered into
+    each batch under their own names with the same rows."""
     n = len(data)
     buckets = _buckets(data, buckets)
     for start in range(0, n, batch_size):
@@ -62,5 +66,6 @@ def eval_batches(data: TokenizedSet, batch_size: int, *, buckets=None, pad_id: i
         weight = (idx < n).astype(np.float32)
         idx = np.where(idx < n, idx, 0)
         batch = batching.make_batch(data, idx, buckets=buckets, pad_id=pad_id)
+        batch.update({k: v[idx] for k, v in (per_row or {}).items()})
         batch["weight"] = weight
         yield batch

@@ -50,7 +50,7 @@ def load_tokenizer(config):
             "data.tokenizer='': a model trained from scratch needs data.tokenizer (a Hugging "
             "Face tokenizer directory or hub id, a .gguf file or 'smollm2') to tokenize real data"
         )
-    tokenizer = pretrained.load_tokenizer(pretrained.resolve(source))
+    tokenizer = pretrained.load_tokenizer(source)  # hub ids: AutoTokenizer fetches them itself
     template = config.data.get("chat_template", "")
     if template:
         tokenizer.chat_template = CHAT_TEMPLATES.get(template, template)
@@ -82,6 +82,20 @@ def synthetic_data(data_cfg, *, vocab_size: int, seed: int) -> Data:
         pad_id=synthetic.PAD,
         report={"source": "synthetic", "train_examples": data_cfg.num_train},
     )
+
+
+def from_config(config, *, vocab_size: int, progress: bool = True):
+    """(Data, tokenizer) of ``config.data``: the synthetic task (tokenizer None; split into
+    unpaired examples for the ``kto`` loss) or real data through ``load``."""
+    if config.data.source == "synthetic":
+        data = synthetic_data(config.data, vocab_size=vocab_size, seed=config.train.seed)
+        if config.loss.type in UNPAIRED_LOSSES:
+            data = dataclasses.replace(
+                data, train=tokenize.unpair(data.train), eval=tokenize.unpair(data.eval)
+            )
+        return data, None
+    tokenizer = load_tokenizer(config)
+    return load(config, tokenizer, progress=progress), tokenizer
 
 
 def _convert(records, fmt, fields, on_bad_row, counts: Counter):
