@@ -26,6 +26,17 @@ def load_default_config(preset=None):
     return mod.get_config(preset)
 
 
+def set_keys(config, overrides: dict):
+    """``config`` with dotted keys set, e.g. ``{"train.steps": 6}``; returns it."""
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return config
+
+
 @pytest.fixture
 def tiny_config():
     """The default recipe shrunk to run a handful of steps in about a second."""
@@ -40,12 +51,6 @@ def tiny_config():
         c.train.eval_every_steps = 3
         c.checkpoint.every_steps = 3
         c.optimizer.warmup_steps = 2
-        for key, value in overrides.items():
-            node = c
-            *path, last = key.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = value
-        return c
+        return set_keys(c, overrides)
 
     return make
