@@ -33,7 +33,7 @@ def get_config(preset: str | None = None):
     c.base = load_config_file(os.path.join(REPO, "configs", "default.py"))
     c.seed = 0  # corpus split, SFT, pair sampling, evaluation samples
     c.seeds = (0, 1, 2)  # alignment seeds (data order) per method
-    c.reward = "vader"  # gold reward: any tr_align.scorers spec
+    c.reward = "vader"  # gold reward: any tr_align.experiments.scorers spec
     c.max_length = 32  # tokens of prompt + completion in training (longer ones are cut)
     c.corpus = ml_collections.ConfigDict(
         dict(

@@ -24,7 +24,7 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
-from tr_align import loop  # noqa: E402
+from tr_align.training import loop  # noqa: E402
 
 config_file, workdir, stop = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with open(config_file, encoding="utf-8") as f:

@@ -4,7 +4,7 @@ import json
 
 import jax
 
-from tr_align import bench
+from tr_align.tools import bench
 
 
 def test_bench_writes_json_and_table(tiny_config, tmp_path):

@@ -88,7 +88,7 @@ def test_model_block_errors_name_the_key(tiny_config, tmp_path):
 def test_hub_model_id_offline_gives_a_config_error(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
-    from tr_align import pretrained
+    from tr_align.io import pretrained
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))

@@ -13,10 +13,11 @@ from transformers import AutoTokenizer
 
 from conftest import REPO, load_default_config, set_keys
 from tr_align import config as config_lib
-from tr_align import loop, losses, sharding
+from tr_align import losses, sharding
 from tr_align.data import batching, loader, pipeline, tokenize
 from tr_align.data.formats import BadRow
 from tr_align.data.sources import DataError
+from tr_align.training import loop
 
 FIXTURES = REPO / "tests" / "fixtures"
 DATA = FIXTURES / "data"

@@ -4,7 +4,7 @@ import jax
 import pytest
 
 from conftest import load_default_config
-from tr_align import loop
+from tr_align.training import loop
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from tr_align import evaluate, hf, scorers
+from tr_align import hf
+from tr_align.experiments import evaluate, scorers
 from tr_align.models import LlamaConfig
 
 FIXTURES = REPO / "tests" / "fixtures"

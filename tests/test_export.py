@@ -9,7 +9,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import REPO
-from tr_align import checkpoint, export, hf, loop
+from tr_align import hf
+from tr_align.io import export
+from tr_align.training import checkpoint, loop
 
 FIXTURES = REPO / "tests" / "fixtures" / "hf"
 FIXTURE = FIXTURES / "llama_gqa"

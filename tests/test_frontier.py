@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from tr_align import evaluate, frontier
 from tr_align.config import load_config_file
+from tr_align.experiments import evaluate, frontier
 
 SENTENCES = [
     "the film is a wonderful and moving story about love .",

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from tr_align import gguf as tr_gguf
+from tr_align.io import gguf as tr_gguf
 
 REFERENCE = json.loads(
     (REPO / "tests" / "fixtures" / "smollm2_reference.json").read_text(encoding="utf-8")

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from tr_align import checkpoint, loop
-from tr_align.metrics import read_jsonl
+from tr_align.training import checkpoint, loop
+from tr_align.training.metrics import read_jsonl
 
 TRL_METRICS = (
     "loss",

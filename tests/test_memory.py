@@ -15,9 +15,12 @@ import numpy as np
 import optax
 import pytest
 
-from tr_align import bench, hf, loop, losses, sharding, train, trust_region
+from tr_align import hf, losses, sharding, trust_region
 from tr_align.data import loader
 from tr_align.models import gpt_neox, llama
+from tr_align.tools import bench
+from tr_align.training import loop
+from tr_align.training import step as train
 
 ONE_LAYER = {"model.num_hidden_layers": 1, "data.num_train": 64}  # faster to compile
 

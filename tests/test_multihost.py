@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from tr_align import checkpoint, distributed, export, hf, loop, sharding
+from tr_align import distributed, hf, sharding
 from tr_align.data import loader
-from tr_align.metrics import read_jsonl
+from tr_align.io import export
+from tr_align.training import checkpoint, loop
+from tr_align.training.metrics import read_jsonl
 
 TIMEOUT_S = 420
 

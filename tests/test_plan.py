@@ -9,9 +9,10 @@ import jax
 import pytest
 
 from conftest import REPO, load_default_config
-from tr_align import hf, plan
+from tr_align import hf
 from tr_align.config import ConfigError
 from tr_align.models import count_params
+from tr_align.tools import plan
 
 # The default tiny Llama: V=32, D=64, F=128, L=2 layers, H=4 heads, K=2 kv heads, E=16, tied.
 V, D, F, L, H, K, E = 32, 64, 128, 2, 4, 2, 16

@@ -3,8 +3,9 @@
 import jax
 import numpy as np
 
-from tr_align import loop, sharding
+from tr_align import sharding
 from tr_align.data import loader
+from tr_align.training import loop
 
 
 def _log_softmax(x):

@@ -8,10 +8,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tr_align import config as config_lib
-from tr_align import loop, sharding
+from tr_align import sharding
 from tr_align.config import ConfigError
 from tr_align.data import loader
 from tr_align.models import gpt_neox, llama
+from tr_align.training import loop
 
 SIZES_222 = {"data": 2, "fsdp": 2, "tensor": 2}
 ONE_LAYER = {"model.num_hidden_layers": 1}  # halves compile time; layers are all alike

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from tr_align import toy
+from tr_align.experiments import toy
 
 TINY = dict(vocab=3, length=3, sft_steps=3, steps=3, seeds=2, lr=1e-2, embed_dim=4, hidden=8)
 TINY["pairs"] = (((0, 1, 2), (0, 2, 2)), ((1, 2, 0), (1, 1, 0)))

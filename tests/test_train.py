@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from tr_align import loop, losses, sharding
+from tr_align import losses, sharding
 from tr_align.data import loader
+from tr_align.training import loop
 
 
 def _batches(built, config, n):

@@ -108,7 +108,7 @@ def _train(argv, command="train") -> None:
     FLAGS = flags.FLAGS
 
     def body():
-        from tr_align import loop
+        from tr_align.training import loop
 
         if command == "sft":
             FLAGS.config.loss.type = "sft"
@@ -148,8 +148,9 @@ def _bench(argv) -> None:
     FLAGS = flags.FLAGS
 
     def body():
-        from tr_align import bench, trust_region
+        from tr_align import trust_region
         from tr_align.config import ConfigError
+        from tr_align.tools import bench
 
         if FLAGS.memory:
             _, table = bench.memory(
@@ -193,7 +194,7 @@ def _export(argv) -> None:
     FLAGS = flags.FLAGS
 
     def body():
-        from tr_align import export
+        from tr_align.io import export
 
         step = export.export(FLAGS.workdir, FLAGS.out, which=FLAGS.which, step=FLAGS.step)
         print(f"tr-align: wrote the {FLAGS.which} of {FLAGS.workdir} at step {step} to {FLAGS.out}")
@@ -292,7 +293,7 @@ def _eval(argv) -> None:
     FLAGS = flags.FLAGS
 
     def body():
-        from tr_align import evaluate
+        from tr_align.experiments import evaluate
 
         try:
             _, table = evaluate.run(
@@ -340,7 +341,7 @@ def _frontier(argv) -> None:
     FLAGS = flags.FLAGS
 
     def body():
-        from tr_align import frontier
+        from tr_align.experiments import frontier
 
         if FLAGS.config is None:
             print(
@@ -418,8 +419,8 @@ def _plan(argv) -> None:
 
         import jax
 
-        from tr_align import plan
         from tr_align.config import ConfigError
+        from tr_align.tools import plan
 
         if FLAGS.devices is not None and FLAGS.tpu:
             raise ConfigError("--devices and --tpu: give one of them")
@@ -501,7 +502,7 @@ def _plan_environment(argv) -> None:
 def _toy(argv) -> None:
     from absl import flags
 
-    from tr_align import toy
+    from tr_align.experiments import toy
 
     d = toy.ToySettings()
     flags.DEFINE_string("workdir", None, "Output directory.", required=True)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import os
 
-from tr_align import losses, optim, pretrained, sharding
+from tr_align import losses, sharding
+from tr_align.io import pretrained
 from tr_align.models import LlamaConfig
 from tr_align.models.common import REMAT_POLICIES
+from tr_align.training import optim
 
 # Memory levers (README "Memory levers"): optional keys, absent = today's behaviour.
 OPTIONAL_DEFAULTS = {
@@ -48,8 +50,8 @@ REQUIRED_KEYS = (
 )
 
 
-UNPAIRED_LOSSES = ("kto",)  # trained on unpaired data by tr_align.unpaired
-SFT_LOSSES = ("sft",)  # next-token loss on the chosen completions (tr_align.sft)
+UNPAIRED_LOSSES = ("kto",)  # trained on unpaired data by tr_align.training.unpaired
+SFT_LOSSES = ("sft",)  # next-token loss on the chosen completions (tr_align.training.sft)
 DATA_SOURCES = ("synthetic", "files", "hub", "tfds")
 
 

@@ -184,10 +184,11 @@ def complete(
     top_p: float = 1.0,
     seed: int = 0,
 ):
-    """Text in, text out: loads ``source`` (see ``tr_align.pretrained``) and its tokenizer,
+    """Text in, text out: loads ``source`` (see ``tr_align.io.pretrained``) and its tokenizer,
     encodes each prompt (as a user turn with the chat template when ``chat``), generates,
     and decodes the new tokens up to EOS."""
-    from tr_align import hf, pretrained
+    from tr_align import hf
+    from tr_align.io import pretrained
 
     config, _, _, params = pretrained.load({"pretrained": source, "dtype": "float32"})
     decode_fn, init_cache = hf.decode_fns(config)

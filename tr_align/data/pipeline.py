@@ -41,8 +41,8 @@ CHAT_TEMPLATES = {
 def load_tokenizer(config):
     """The tokenizer of ``data.tokenizer`` (default: ``model.pretrained``'s), with
     ``data.chat_template`` (a name in CHAT_TEMPLATES or a Jinja string) replacing its template."""
-    from tr_align import pretrained
     from tr_align.config import ConfigError
+    from tr_align.io import pretrained
 
     source = config.data.get("tokenizer") or config.model.get("pretrained", "")
     if not source:

@@ -17,8 +17,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tr_align import checkpoint, hf, pretrained
-from tr_align.loop import MODEL_CONFIG_FILE
+from tr_align import hf
+from tr_align.io import pretrained
+from tr_align.training import checkpoint
+from tr_align.training.loop import MODEL_CONFIG_FILE
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -76,7 +78,7 @@ def _write_tokenizer(workdir: str, out_dir: str) -> None:
     if not source:
         return
     if pretrained.is_gguf(source):
-        from tr_align import gguf
+        from tr_align.io import gguf
 
         path = gguf.smollm2_gguf_path() if source == "smollm2" else source
         gguf.load_tokenizer(path).save_pretrained(out_dir)

@@ -1,6 +1,6 @@
 """The train and eval steps for unpaired data: (TR-)KTO (``loss.type = "kto"``).
 
-Same shape as ``tr_align.train.train_step`` (one pure, donated, sharded step; the reference
+Same shape as ``tr_align.training.step.train_step`` (one pure, donated, sharded step; the reference
 forward under stop_gradient; the trust-region update on device), for batches of single
 completions with a desirability ``label``:
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from tr_align import losses, trust_region
-from tr_align.train import _mean, apply_gradients, jit_eval_step, jit_train_step, pair_logps
+from tr_align.training.step import _mean, apply_gradients, jit_eval_step, jit_train_step, pair_logps
 
 KEYS = tuple(
     f"{k}_{f}" for k in ("completion", "kl") for f in ("input_ids", "attention_mask", "loss_mask")

@@ -91,7 +91,7 @@ class LogProbScorer:
     prompt, ``sum_t log p(y_t | x, y_<t)``, computed with the model's own tokenizer."""
 
     def __init__(self, source: str, batch_size: int = 32):
-        from tr_align import evaluate
+        from tr_align.experiments import evaluate
 
         self.model = evaluate.load_policy(source)
         if self.model.tokenizer is None:
@@ -99,7 +99,7 @@ class LogProbScorer:
         self.batch_size = batch_size
 
     def __call__(self, prompts, completions) -> np.ndarray:
-        from tr_align import evaluate
+        from tr_align.experiments import evaluate
 
         tok = self.model.tokenizer
         p_ids = [list(tok.encode(p)) for p in prompts]

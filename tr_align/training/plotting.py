@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tr_align import metrics as metrics_lib  # noqa: E402
+from tr_align.training import metrics as metrics_lib  # noqa: E402
 
 
 def _series(records, key):

@@ -27,12 +27,15 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from tr_align import checkpoint, hf, optim, plotting, pretrained, sft, sharding, train, unpaired
 from tr_align import config as config_lib
+from tr_align import hf, sharding
 from tr_align.data import batching, loader, pipeline
-from tr_align.metrics import MetricWriter
+from tr_align.io import pretrained
 from tr_align.models import count_params
-from tr_align.train import init_state
+from tr_align.training import checkpoint, optim, plotting, sft, unpaired
+from tr_align.training import step as train
+from tr_align.training.metrics import MetricWriter
+from tr_align.training.step import init_state
 
 MODEL_CONFIG_FILE = "model_config.json"  # the policy's Hugging Face config.json, for export
 

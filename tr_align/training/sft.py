@@ -2,7 +2,7 @@
 
 The paper (like the DPO paper) first fine-tunes the base model on the chosen responses of the
 preference data; that SFT model is the starting policy and reference of every alignment run.
-The step has the shape of ``tr_align.train.train_step`` (pure, donated, sharded) with the
+The step has the shape of ``tr_align.training.step.train_step`` (pure, donated, sharded) with the
 loss TRL's ``SFTTrainer`` uses on prompt-completion data: the mean negative log-likelihood
 per completion token over the batch,
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from tr_align import losses
-from tr_align.train import PAIR_KEYS, _mean, jit_eval_step, jit_train_step, pair_logps
+from tr_align.training.step import PAIR_KEYS, _mean, jit_eval_step, jit_train_step, pair_logps
 
 
 def _token_count(batch, name="chosen"):

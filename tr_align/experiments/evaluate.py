@@ -13,10 +13,10 @@ For a policy pi, its SFT (starting) model pi_sft and a set of prompts x:
   summed over the completion tokens (EOS included), in nats per sequence; ``stderr`` is the
   standard error of that mean. A completion cut at ``max_new_tokens`` contributes its prefix,
   so the estimate is the KL between the distributions of the first ``max_new_tokens`` tokens.
-* **Scores**: any ``tr_align.scorers`` scorer (a Python callable, VADER sentiment, length, a
+* **Scores**: any ``tr_align.experiments.scorers`` scorer (a Python callable, VADER sentiment, length, a
   local JAX model's log-likelihood), mean and standard error over samples.
 * **Win rate** against a baseline's completions (another model's samples or a JSONL file)
-  through a ``tr_align.scorers`` judge, with both sides' mean lengths beside it.
+  through a ``tr_align.experiments.scorers`` judge, with both sides' mean lengths beside it.
 
 Policies are HF model directories, .gguf files, ``smollm2`` or tr-align run directories
 (``WORKDIR`` = its newest checkpoint, ``WORKDIR@STEP`` = that step). Prompts come from a JSON /
@@ -38,10 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tr_align import generate, hf, losses, pretrained
-from tr_align import scorers as scorers_lib
+from tr_align import generate, hf, losses
+from tr_align.experiments import scorers as scorers_lib
+from tr_align.io import pretrained
 
-MODEL_CONFIG_FILE = "model_config.json"  # as tr_align.loop writes it
+MODEL_CONFIG_FILE = "model_config.json"  # as tr_align.training.loop writes it
 
 
 # ----------------------------------------------------------------------------- models
@@ -101,7 +102,7 @@ def restore_run_params(workdir: str, *, step: int | None = None, which: str = "p
     ``which``: "policy" or "reference"."""
     import orbax.checkpoint as ocp
 
-    from tr_align import checkpoint
+    from tr_align.training import checkpoint
 
     mngr = checkpoint.manager(workdir, max_to_keep=1_000_000)
     steps = list(mngr.all_steps())
@@ -260,7 +261,7 @@ def read_completions(path: str) -> list[str]:
 def config_prompts(config) -> tuple[list[Prompt], Any]:
     """The held-out prompts of a training config's data (exactly the run's eval split),
     and the tokenizer (None for the synthetic task)."""
-    from tr_align import loop
+    from tr_align.training import loop
 
     model_config, _, _, _ = pretrained.load(config.model)
     data = loop.load_data(config, model_config, progress=False)

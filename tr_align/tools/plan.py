@@ -1,6 +1,6 @@
 """``tr-align plan``: per-device memory of the train step on a target mesh, before renting it.
 
-The train step (``tr_align.train.compile_train_step``) is lowered and compiled ahead of
+The train step (``tr_align.training.step.compile_train_step``) is lowered and compiled ahead of
 time on abstract inputs only (``jax.ShapeDtypeStruct``: no parameter is ever allocated),
 with the state shardings the loop would use (``sharding.state_shardings``), for one of:
 
@@ -38,10 +38,11 @@ import time
 import jax
 import numpy as np
 
-from tr_align import hf, optim, sharding
+from tr_align import hf, sharding
 from tr_align.config import ConfigError, get_optional
 from tr_align.models import LlamaConfig, count_params
-from tr_align.train import PAIR_KEYS, compile_train_step, init_state
+from tr_align.training import optim
+from tr_align.training.step import PAIR_KEYS, compile_train_step, init_state
 
 GiB = 2**30
 # Memory per device (one JAX device = one TPU chip / one GPU), as the vendors state it.

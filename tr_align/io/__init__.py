@@ -1,0 +1,1 @@
+"""Reading and writing models and runs: GGUF files, pretrained loading, HF export."""

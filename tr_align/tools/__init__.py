@@ -1,0 +1,1 @@
+"""Tools around the library: the step benchmark and the memory planner."""

@@ -1,0 +1,1 @@
+"""Training: the train state and its one step, objectives, optimizer, the loop, checkpoints, metrics."""
