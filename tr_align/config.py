@@ -50,8 +50,8 @@ REQUIRED_KEYS = (
 )
 
 
-UNPAIRED_LOSSES = ("kto",)  # trained on unpaired data by tr_align.training.unpaired
-SFT_LOSSES = ("sft",)  # next-token loss on the chosen completions (tr_align.training.sft)
+UNPAIRED_LOSSES = ("kto",)  # unpaired data (tr_align.training.objectives.KTO)
+SFT_LOSSES = ("sft",)  # next-token loss on the chosen completions (objectives.SFT)
 DATA_SOURCES = ("synthetic", "files", "hub", "tfds")
 
 

@@ -469,16 +469,9 @@ def chunked_sequence_logps(
 ) -> jax.Array:
     """``sequence_logps(head(hidden), labels, loss_mask)`` without all [B, T, V] logits.
 
-    The sequence is cut into ``ceil(T / chunk_size)`` chunks of ``chunk_size`` positions
-    (the last one padded with mask 0); a ``lax.scan`` applies ``head`` to one chunk at a
-    time and adds its masked token log-probs to a [B] float32 carry. The chunk body is
-    wrapped in ``jax.checkpoint``, so the backward pass recomputes one chunk's logits
-    instead of keeping every chunk's: the largest live logits array is
-    [B, chunk_size, V] float32 (B * chunk_size * V * 4 bytes; e.g. 16 x 128 x 128256 x 4
-    = 1.05 GB for Llama 3's vocabulary, against 8.4 GB for T = 1024 unchunked). Chunks
-    split the sequence, never the vocabulary, so each logsumexp is exact and the batch
-    dimension (the data-parallel one) keeps its sharding. Only the summation order
-    differs from ``sequence_logps`` (float32 rounding).
+    The masked sum over positions of ``chunked_token_logps`` (see there for the chunking
+    and its memory); only the summation order differs from ``sequence_logps`` (float32
+    rounding).
 
     Args:
       hidden: [B, T, D] final hidden states (any float dtype).
@@ -493,35 +486,55 @@ def chunked_sequence_logps(
     Returns:
       [B] float32.
     """
-    chex.assert_rank(hidden, 3)
     chex.assert_rank([labels, loss_mask], 2)
     chex.assert_equal_shape([labels, loss_mask])
+    per_token = chunked_token_logps(hidden, head, labels, chunk_size=chunk_size)
+    mask = loss_mask.astype(jnp.float32)
+    total = (jnp.where(mask != 0, per_token, 0.0) * mask).sum(axis=-1)
+    if average:
+        return total / jnp.maximum(mask.sum(axis=-1), 1.0)
+    return total
+
+
+def chunked_token_logps(hidden: jax.Array, head, labels: jax.Array, *, chunk_size: int):
+    """``token_logps(head(hidden), labels)`` [B, T] float32 without all [B, T, V] logits.
+
+    The sequence is cut into ``ceil(T / chunk_size)`` chunks of ``chunk_size`` positions
+    (the last one padded); a ``lax.scan`` applies ``head`` to one chunk at a time. The
+    chunk body is wrapped in ``jax.checkpoint``, so the backward pass recomputes one
+    chunk's logits instead of keeping every chunk's: the largest live logits array is
+    [B, chunk_size, V] float32 (B * chunk_size * V * 4 bytes; e.g. 16 x 128 x 128256 x 4
+    = 1.05 GB for Llama 3's vocabulary, against 8.4 GB for T = 1024 unchunked). Chunks
+    split the sequence, never the vocabulary, so each logsumexp is exact and the batch
+    dimension (the data-parallel one) keeps its sharding. Mask the result as
+    ``token_logps``'s.
+
+    Args:
+      hidden: [B, T, D] final hidden states (any float dtype).
+      head: ``head(x [B, C, D]) -> logits [B, C, V]`` (may close over traced parameters).
+      labels: [B, T] int; ``head(hidden)[b, t]`` predicts ``labels[b, t]``.
+      chunk_size: positions per chunk, an integer >= 1 (static).
+    """
+    chex.assert_rank(hidden, 3)
+    chex.assert_rank(labels, 2)
     chex.assert_equal_shape_prefix([hidden, labels], 2)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}.")
     b, t, d = hidden.shape
     n_chunks = -(-t // chunk_size)
     pad = n_chunks * chunk_size - t
-    mask = loss_mask.astype(jnp.float32)
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         labels = jnp.pad(labels, ((0, 0), (0, pad)))
-        mask = jnp.pad(mask, ((0, 0), (0, pad)))
 
     def chunks(x):  # [B, T', ...] -> [n_chunks, B, chunk_size, ...]
         return jnp.swapaxes(x.reshape(b, n_chunks, chunk_size, *x.shape[2:]), 0, 1)
 
     @jax.checkpoint
-    def chunk_logps(x_BCD, labels_BC, mask_BC):
-        per_token = token_logps(head(x_BCD), labels_BC)
-        return (jnp.where(mask_BC != 0, per_token, 0.0) * mask_BC).sum(axis=-1)
+    def chunk_logps(x_BCD, labels_BC):
+        return token_logps(head(x_BCD), labels_BC)
 
-    def body(total_B, chunk):
-        return total_B + chunk_logps(*chunk), None
-
-    total, _ = jax.lax.scan(
-        body, jnp.zeros((b,), jnp.float32), (chunks(hidden), chunks(labels), chunks(mask))
-    )
-    if average:
-        return total / jnp.maximum(mask.sum(axis=-1), 1.0)
-    return total
+    _, per_chunk = jax.lax.scan(
+        lambda carry, c: (carry, chunk_logps(*c)), None, (chunks(hidden), chunks(labels))
+    )  # [n_chunks, B, chunk_size]
+    return jnp.swapaxes(per_chunk, 0, 1).reshape(b, n_chunks * chunk_size)[:, :t]

@@ -219,7 +219,7 @@ def param_specs(params, table, axis_sizes, rules=DEFAULT_RULES):
 def state_shardings(mesh: Mesh, abstract_state, param_axes=None, rules=DEFAULT_RULES):
     """NamedSharding of every leaf of a ``TrainState`` (of arrays or ShapeDtypeStructs).
 
-    ``params`` and ``ref_params`` get the specs from ``param_axes`` (a model's
+    ``params`` and ``ref_params`` (when the state holds a reference) get the specs from ``param_axes`` (a model's
     ``PARAM_AXES`` table) and ``rules``; so does every subtree of ``opt_state`` with the
     params' tree structure and shapes (Adam's mu and nu). Everything else is replicated.
     ``param_axes=None`` replicates the parameters too.
@@ -247,7 +247,7 @@ def state_shardings(mesh: Mesh, abstract_state, param_axes=None, rules=DEFAULT_R
     return abstract_state.replace(
         step=replicated(mesh),
         params=param_sh,
-        ref_params=param_sh,
+        ref_params=None if abstract_state.ref_params is None else param_sh,
         opt_state=opt_sh,
         rng=replicated(mesh),
     )

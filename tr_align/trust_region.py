@@ -40,6 +40,8 @@ a hard-copied bfloat16 reference gives exactly the log-probs of a float32 one
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -101,6 +103,32 @@ def update_reference(ref_params, policy_params, step, *, alpha: float, tau: int)
         return mix(ref_params)
     # periodic_update-style: the update branch only runs on sync steps.
     return jax.lax.cond(jnp.asarray(step) % tau == 0, mix, lambda r: r, ref_params)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceUpdate:
+    """The trust-region rule as the object a train state applies after each optimizer step
+    (``TrainState.apply_gradients``; levanter's model-averaging hook has this shape): soft
+    for alpha < 1, hard (a copy) for alpha = 1, every ``tau`` steps."""
+
+    alpha: float
+    tau: int
+
+    def __post_init__(self):
+        validate(self.alpha, self.tau)
+
+    def update(self, ref_params, policy_params, step):
+        return update_reference(ref_params, policy_params, step, alpha=self.alpha, tau=self.tau)
+
+    def num_updates(self, step):
+        return num_updates(step, enabled=True, tau=self.tau)
+
+
+def from_config(tr_cfg) -> ReferenceUpdate | None:
+    """The ``trust_region`` config block's update, or None for a frozen reference."""
+    if not tr_cfg.enabled:
+        return None
+    return ReferenceUpdate(alpha=float(tr_cfg.alpha), tau=int(tr_cfg.tau))
 
 
 def num_updates(step, *, enabled: bool, tau: int):

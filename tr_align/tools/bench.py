@@ -61,7 +61,8 @@ def bench_mode(config, mode: str, *, steps: int, warmup: int, devices=None) -> d
         jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t0)
 
-    tokens = 2 * config.train.batch_size * (batch["chosen_input_ids"].shape[1] - 1)
+    # positions the policy forward sees per step (every row; a row of T tokens feeds T - 1)
+    tokens = sum(v.shape[0] * (v.shape[1] - 1) for k, v in batch.items() if k.endswith("input_ids"))
     step_s = statistics.median(times)
     return {
         "mode": mode,
@@ -271,27 +272,25 @@ def memory_lever(config, overrides: dict, *, seq_len: int, devices=None) -> dict
     """
     config = _with(config, overrides)
     built = loop.build(config, devices)
-    batch = {
-        k: jax.ShapeDtypeStruct(
-            (config.train.batch_size, seq_len),
-            np.int32,
-            sharding=sharding.batch_sharding(built.mesh),
-        )
-        for k in train.PAIR_KEYS
-    }
+    program = built.program
+    batch = program.abstract_batch(config.train.batch_size, seq_len)
     t0 = time.perf_counter()
     mem = built.train_step.lower(built.abstract_state, batch).compile().memory_analysis()
     compile_s = time.perf_counter() - t0
     state = built.abstract_state
     accum = config_lib.get_optional(config, "train.grad_accum_steps")
     micro = {
-        k: jax.ShapeDtypeStruct((x.shape[0] // accum, seq_len), x.dtype) for k, x in batch.items()
+        k: jax.ShapeDtypeStruct((x.shape[0] // accum, *x.shape[1:]), x.dtype)
+        for k, x in batch.items()
     }
-    ref_logps = (jax.ShapeDtypeStruct((micro["chosen_input_ids"].shape[0],), np.float32),) * 2
+    examples = config.train.batch_size // accum
+    ref_logps = None
+    if program.objective.needs_reference:
+        ref_logps = jax.ShapeDtypeStruct((examples, len(program.objective.streams)), np.float32)
     loss = functools.partial(
         train.policy_loss,
+        objective=program.objective,
         apply_fn=built.apply_fn,
-        loss_cfg=config.loss,
         chunk_size=config_lib.get_optional(config, "train.logps_chunk_size"),
     )
     residual = saved_residual_bytes(lambda *a: loss(*a)[0], state.params, ref_logps, micro)
@@ -301,7 +300,7 @@ def memory_lever(config, overrides: dict, *, seq_len: int, devices=None) -> dict
         "compile_s": round(compile_s, 2),
         "params": count_params(state.params),
         "params_bytes": nbytes(state.params),
-        "ref_bytes": nbytes(state.ref_params),
+        "ref_bytes": nbytes(state.ref_params or {}),
         "opt_state_bytes": nbytes(state.opt_state),
         "argument_bytes": mem.argument_size_in_bytes,
         "output_bytes": mem.output_size_in_bytes,

@@ -28,7 +28,6 @@ The wiring mirrors ``loop.build`` (optimizer, ``init_state``, ``state_shardings`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -41,8 +40,7 @@ import numpy as np
 from tr_align import hf, sharding
 from tr_align.config import ConfigError, get_optional
 from tr_align.models import LlamaConfig, count_params
-from tr_align.training import optim
-from tr_align.training.step import PAIR_KEYS, compile_train_step, init_state
+from tr_align.training import build as build_lib
 
 GiB = 2**30
 # Memory per device (one JAX device = one TPU chip / one GPU), as the vendors state it.
@@ -258,34 +256,24 @@ def plan(
     if seq_len < 2:
         raise ConfigError(f"--seq_len={seq_len}: must be >= 2")
 
-    opt = functools.partial(get_optional, config)
     rules = sharding.make_rules(config.mesh.get("rules", ()))
-    init_fn, apply_fn = hf.model_fns(model_config)
-    apply_fn = sharding.with_activation_sharding(apply_fn, mesh, rules)
-    tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps)
-    make_state = functools.partial(
-        init_state, init_fn=init_fn, tx=tx, ref_dtype=opt("trust_region.ref_dtype")
+    program = build_lib.build_program(
+        config, model_config, mesh=mesh, rules=rules, total_steps=int(config.train.steps)
     )
-    rng = jax.ShapeDtypeStruct((2,), np.uint32)
-    abstract = jax.eval_shape(make_state, rng, None)
-    shardings = sharding.state_shardings(mesh, abstract, hf.param_axes(model_config), rules)
-    step = compile_train_step(
-        mesh,
-        shardings,
-        apply_fn=apply_fn,
-        tx=tx,
-        schedule=schedule,
-        loss_cfg=config.loss,
-        tr_cfg=config.trust_region,
-        grad_accum_steps=opt("train.grad_accum_steps"),
-        logps_chunk_size=opt("train.logps_chunk_size"),
-    )
-    batch_abstract = {k: jax.ShapeDtypeStruct((batch, seq_len), np.int32) for k in PAIR_KEYS}
-    batch_sh = {k: sharding.batch_sharding(mesh) for k in PAIR_KEYS}
+    abstract, shardings = program.abstract_state, program.state_shardings
+    # every stream of every example one row of seq_len tokens (a packed batch of as many
+    # tokens has the same shapes)
+    batch_abstract = program.abstract_batch(batch, seq_len)
+    batch_sh = {k: v.sharding for k, v in batch_abstract.items()}
+    step = program.train_step
 
     sizes = {
         "params": _shard_bytes(abstract.params, shardings.params),
-        "reference": _shard_bytes(abstract.ref_params, shardings.ref_params),
+        "reference": (
+            0
+            if abstract.ref_params is None
+            else _shard_bytes(abstract.ref_params, shardings.ref_params)
+        ),
         "optimizer": _shard_bytes(abstract.opt_state, shardings.opt_state),
         "step_rng": _shard_bytes((abstract.step, abstract.rng), (shardings.step, shardings.rng)),
         "batch": _shard_bytes(batch_abstract, batch_sh),

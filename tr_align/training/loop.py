@@ -22,7 +22,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 from absl import logging
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
@@ -32,10 +31,9 @@ from tr_align import hf, sharding
 from tr_align.data import batching, loader, pipeline
 from tr_align.io import pretrained
 from tr_align.models import count_params
-from tr_align.training import checkpoint, optim, plotting, sft, unpaired
-from tr_align.training import step as train
+from tr_align.training import build as build_lib
+from tr_align.training import checkpoint, plotting
 from tr_align.training.metrics import MetricWriter
-from tr_align.training.step import init_state
 
 MODEL_CONFIG_FILE = "model_config.json"  # the policy's Hugging Face config.json, for export
 
@@ -103,18 +101,39 @@ def _run_eval(p_eval, state, data, init_logps, mesh, batch_size):
 class Built:
     """Everything a run needs, wired from a config (see ``build``)."""
 
-    mesh: jax.sharding.Mesh
+    program: build_lib.Program  # objective, optimizer, state shapes and shardings, steps
     steps: int  # optimizer steps of the whole run (train.steps, or train.epochs of the data)
     model_config: Any  # LlamaConfig / GPTNeoXConfig
-    apply_fn: Callable
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    abstract_state: Any  # TrainState of jax.ShapeDtypeStruct
-    state_shardings: Any  # TrainState of NamedSharding
     init: Callable  # () -> TrainState, born sharded
-    train_step: Callable  # jitted, donates the state
-    eval_step: Callable
     data: pipeline.Data  # tokenized train/eval sets, buckets, data report
+
+    @property
+    def mesh(self):
+        return self.program.mesh
+
+    @property
+    def apply_fn(self):
+        return self.program.apply_fn
+
+    @property
+    def schedule(self):
+        return self.program.schedule
+
+    @property
+    def abstract_state(self):
+        return self.program.abstract_state
+
+    @property
+    def state_shardings(self):
+        return self.program.state_shardings
+
+    @property
+    def train_step(self):
+        return self.program.train_step
+
+    @property
+    def eval_step(self):
+        return self.program.eval_step
 
 
 def num_steps(train_cfg, num_examples: int) -> int:
@@ -153,24 +172,14 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
         )
         return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
 
-    model_config, init_fn, apply_fn, params = pretrained.load(config.model, param_shardings)
-    apply_fn = sharding.with_activation_sharding(apply_fn, mesh, rules)
+    model_config, _, _, params = pretrained.load(config.model, param_shardings)
     data = load_data(config, model_config, progress=progress)
-    if config.loss.type == "sft":  # paired data: config.validate refuses data.format='kto'
-        steps = sft
-    else:
-        steps = train if data.paired else unpaired
     total_steps = num_steps(config.train, len(data.train))
-    tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
-    rng = jax.random.PRNGKey(config.train.seed)
-    opt = functools.partial(config_lib.get_optional, config)
-    make_state = functools.partial(
-        init_state, init_fn=init_fn, tx=tx, ref_dtype=opt("trust_region.ref_dtype")
+    program = build_lib.build_program(
+        config, model_config, mesh=mesh, rules=rules, total_steps=total_steps, params=params
     )
-    abstract = jax.eval_shape(make_state, rng, params)
-    shardings = sharding.state_shardings(mesh, abstract, hf.param_axes(model_config), rules)
     _, fallbacks = sharding.param_specs(
-        abstract.params, hf.param_axes(model_config), dict(mesh.shape), rules
+        program.abstract_state.params, hf.param_axes(model_config), dict(mesh.shape), rules
     )
     if fallbacks and jax.process_index() == 0:
         logging.warning(
@@ -178,34 +187,12 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
             len(fallbacks),
             "; ".join(fallbacks[:3]),
         )
+    rng = jax.random.PRNGKey(config.train.seed)
     return Built(
-        mesh=mesh,
+        program=program,
         steps=total_steps,
         model_config=model_config,
-        apply_fn=apply_fn,
-        tx=tx,
-        schedule=schedule,
-        abstract_state=abstract,
-        state_shardings=shardings,
-        init=lambda: jax.jit(make_state, out_shardings=shardings)(rng, params),
-        train_step=steps.compile_train_step(
-            mesh,
-            shardings,
-            apply_fn=apply_fn,
-            tx=tx,
-            schedule=schedule,
-            loss_cfg=config.loss,
-            tr_cfg=config.trust_region,
-            grad_accum_steps=opt("train.grad_accum_steps"),
-            logps_chunk_size=opt("train.logps_chunk_size"),
-        ),
-        eval_step=steps.compile_eval_step(
-            mesh,
-            shardings,
-            apply_fn=apply_fn,
-            loss_cfg=config.loss,
-            logps_chunk_size=opt("train.logps_chunk_size"),
-        ),
+        init=lambda: program.init(rng, params),
         data=data,
     )
 

@@ -1,29 +1,38 @@
-"""The functional core: ``TrainState`` and one pure train step.
+"""The functional core: ``TrainState`` and the one train step every objective uses.
 
-``train_step(state, batch) -> (state, metrics)`` runs, all on device:
-  1. one policy forward over chosen and rejected together (interleaved as a
-     [2B, T] batch, so each data-parallel shard keeps its own pairs),
-  2. one reference forward on the same batch, under ``stop_gradient``,
-  3. the preference loss (``tr_align.losses``) and its gradient,
-  4. the optax update of the policy,
-  5. the trust-region reference update (``tr_align.trust_region``), unless the
-     reference is frozen (vanilla DPO/IPO/KTO).
+``train_step(state, batch, objective=...) -> (state, metrics)`` runs, all on device:
+  1. one policy forward over every sequence of the batch (all streams of all examples:
+     chosen and rejected, or completion and KL rows, ...),
+  2. one reference forward on the same tokens, under ``stop_gradient``, when the
+     objective has a reference (SFT has none),
+  3. the objective's loss and its gradient (``tr_align.training.objectives``),
+  4. the optax update of the policy and 5. the reference update
+     (``TrainState.apply_gradients``; a ``trust_region.ReferenceUpdate``, or none for a
+     frozen reference: vanilla DPO/IPO/KTO).
 
-The step is jitted by ``compile_train_step`` with explicit in/out shardings and
-the state donated, so parameters never leave the device and the reference is
-updated in place.
+The step is jitted by ``compile_train_step`` with explicit in/out shardings and the state
+donated, so parameters never leave the device and the reference is updated in place.
 
-Batches are dicts of [B, T] int32 arrays named
-``{chosen,rejected}_{input_ids,attention_mask,loss_mask}``; ``loss_mask`` is 1
-on completion tokens (the tokens whose log-probs are summed).
+Batches come in one of two layouts (``sequence_logps`` reads either):
 
-Memory levers (see README "Memory levers"): ``grad_accum_steps`` = K > 1 runs steps
-1-3 on K microbatches of B / K pairs inside one ``lax.scan`` and averages their
-gradients before the single optimizer update (for losses that are a mean over
-examples this equals the full-batch step); ``logps_chunk_size`` > 0 computes the
-log-probs from the final hidden states chunk by chunk
-(``losses.chunked_sequence_logps``) so the [2B, T, V] logits are never all live.
-The reference may be stored in bfloat16 (``init_state(..., ref_dtype=)``).
+* **padded**: per stream ``{stream}_{input_ids,attention_mask,loss_mask}`` [E, T] (one
+  row per sequence, right-padded; ``tr_align.data.batching.make_batch``);
+* **tokens** (``tr_align.data.packing``): ``input_ids``, ``positions``, ``segment_ids``,
+  ``branch_ids``, ``loss_mask``, ``seq_ids`` [R, L]: several sequences packed per row
+  (segment ids, per-segment positions), or prompt-shared segments whose branches hold one
+  completion each; ``seq_ids`` names the sequence (``example * S + stream``) of every
+  completion token, and per-sequence log-probs are segment sums; ``examples`` [E] (the
+  examples' indices) gives the number of examples.
+
+Either way ``loss_mask`` marks the completion tokens, and token t + 1 is scored by the
+model's output at t. Per-example arrays (``label``, eval's ``weight``) have E rows.
+
+Memory levers (README "Memory levers"): ``grad_accum_steps`` = K > 1 runs steps 1-3 on K
+microbatches inside one ``lax.scan`` and adds their statistics (sums and counts) and
+gradients before the single optimizer update; ``logps_chunk_size`` > 0 computes the
+log-probs from the final hidden states chunk by chunk (``losses.chunked_token_logps``) so
+the logits are never all live; the reference may be stored in bfloat16
+(``init_state(..., ref_dtype=)``).
 """
 
 from __future__ import annotations
@@ -38,19 +47,38 @@ import jax.numpy as jnp
 import optax
 
 from tr_align import losses, sharding, trust_region
+from tr_align.training import objectives as objectives_lib
 
-PAIR_KEYS = tuple(
-    f"{k}_{f}" for k in ("chosen", "rejected") for f in ("input_ids", "attention_mask", "loss_mask")
-)
+PAD_FIELDS = ("input_ids", "attention_mask", "loss_mask")
+TOKEN_FIELDS = ("input_ids", "positions", "segment_ids", "branch_ids", "loss_mask", "seq_ids")
+
+
+def padded_keys(streams) -> tuple[str, ...]:
+    """The padded layout's array names for ``streams``."""
+    return tuple(f"{s}_{f}" for s in streams for f in PAD_FIELDS)
+
+
+PAIR_KEYS = padded_keys(("chosen", "rejected"))
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates done
     params: Any  # policy parameters
-    ref_params: Any  # reference parameters (the SFT model at step 0)
+    ref_params: Any  # reference parameters (the SFT model at step 0); None without one
     opt_state: Any
     rng: jax.Array  # uint32[2] PRNG key, split once per step
+
+    def apply_gradients(self, grads, *, tx, reference_update=None) -> TrainState:
+        """Steps 4 and 5: the optax update of the policy, then the reference update
+        (``reference_update.update(ref, params, step)``; none when it is None)."""
+        updates, opt_state = tx.update(grads, self.opt_state, self.params)
+        params = optax.apply_updates(self.params, updates)
+        step = self.step + 1
+        ref_params = self.ref_params
+        if reference_update is not None:
+            ref_params = reference_update.update(ref_params, params, step)
+        return self.replace(step=step, params=params, ref_params=ref_params, opt_state=opt_state)
 
 
 def init_state(
@@ -60,8 +88,9 @@ def init_state(
     init_fn: Callable,
     tx: optax.GradientTransformation,
     ref_dtype: str | None = None,
+    with_reference: bool = True,
 ) -> TrainState:
-    """A fresh state: the reference starts as a copy of the initial policy.
+    """A fresh state: the reference (``with_reference``) starts as a copy of the policy.
 
     The policy is ``params`` (e.g. a pretrained/SFT model) or, when None, ``init_fn(rng)``.
     The policy and the optimizer state keep the parameters' dtype (float32 master
@@ -71,7 +100,11 @@ def init_state(
     params_rng, state_rng = jax.random.split(rng)
     if params is None:
         params = init_fn(params_rng)
-    ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=ref_dtype or x.dtype, copy=True), params)
+    ref_params = None
+    if with_reference:
+        ref_params = jax.tree.map(
+            lambda x: jnp.array(x, dtype=ref_dtype or x.dtype, copy=True), params
+        )
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -81,73 +114,53 @@ def init_state(
     )
 
 
-def pair_logps(apply_fn, params, batch, *, average: bool = False, chunk_size: int = 0):
-    """Per-sequence log-probs of the chosen and rejected completions, one forward.
+def is_token_layout(batch) -> bool:
+    return "seq_ids" in batch
+
+
+def sequence_logps(apply_fn, params, batch, streams, *, average: bool = False, chunk_size: int = 0):
+    """Per-sequence completion log-probs and token counts, one forward over the batch.
 
     ``chunk_size`` > 0: the model returns its final hidden states and the output head is
-    applied ``chunk_size`` positions at a time (``losses.chunked_sequence_logps``), so
-    the [2B, T, V] logits are never materialised; 0 computes them all at once.
+    applied ``chunk_size`` positions at a time, so the logits are never all materialised.
 
     Returns:
-      (chosen_logps [B], rejected_logps [B]) in float32.
+      (logps [E, S], tokens [E, S]) float32: S = len(streams) sequences per example, summed
+      (``average``: length-averaged) log-probs of their completion tokens, and the number
+      of those tokens.
     """
+    num_streams = len(streams)
+    if is_token_layout(batch):
+        ids = batch["input_ids"]
+        model_in = {k: batch[k][:, :-1] for k in ("positions", "segment_ids", "branch_ids")}
+    else:  # [E, T] per stream -> [E * S, T], rows (e0 s0, e0 s1, ..., e1 s0, ...)
 
-    def stack(name):  # [B, T] x 2 -> [2B, T], rows (chosen_0, rejected_0, chosen_1, ...)
-        both = jnp.stack([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=1)
-        return both.reshape((-1,) + both.shape[2:])
+        def stack(field):
+            both = jnp.stack([batch[f"{s}_{field}"] for s in streams], axis=1)
+            return both.reshape((-1,) + both.shape[2:])
 
-    ids_NT, attn_NT, loss_NT = stack("input_ids"), stack("attention_mask"), stack("loss_mask")
-    # Position t predicts token t + 1: feed T - 1 tokens, score tokens 1..T-1.
+        ids = stack("input_ids")
+        model_in = {"attention_mask": stack("attention_mask")[:, :-1]}
+    mask = (batch["loss_mask"] if is_token_layout(batch) else stack("loss_mask"))[:, 1:]
+    labels = ids[:, 1:]
+    # Position t predicts token t + 1: feed L - 1 tokens, score tokens 1..L-1.
     if chunk_size:
-        hidden_NTD, head = apply_fn(params, ids_NT[:, :-1], attn_NT[:, :-1], split_head=True)
-        logps_N = losses.chunked_sequence_logps(
-            hidden_NTD, head, ids_NT[:, 1:], loss_NT[:, 1:], chunk_size=chunk_size, average=average
-        )
+        hidden, head = apply_fn(params, ids[:, :-1], **model_in, split_head=True)
+        per_token = losses.chunked_token_logps(hidden, head, labels, chunk_size=chunk_size)
     else:
-        logits_NTV = apply_fn(params, ids_NT[:, :-1], attn_NT[:, :-1])
-        logps_N = losses.sequence_logps(logits_NTV, ids_NT[:, 1:], loss_NT[:, 1:], average=average)
-    logps_B2 = logps_N.reshape(-1, 2)
-    return logps_B2[:, 0], logps_B2[:, 1]
-
-
-def _loss_kwargs(loss_cfg):
-    return dict(
-        beta=float(loss_cfg.beta),
-        label_smoothing=float(loss_cfg.label_smoothing),
-        discopop_tau=float(loss_cfg.discopop_tau),
-    )
-
-
-def _mean(x, weight=None):
-    """Mean over rows, or the ``weight``-weighted mean (eval batches pad with weight 0)."""
-    return jnp.mean(x) if weight is None else jnp.sum(x * weight) / jnp.sum(weight)
-
-
-def _reward_metrics(prefix, chosen_rewards, rejected_rewards, weight=None):
-    acc = (chosen_rewards > rejected_rewards).astype(jnp.float32)
-    margin = chosen_rewards - rejected_rewards
-    mean = functools.partial(_mean, weight=weight)
-    return {
-        f"{prefix}rewards/chosen": mean(chosen_rewards),
-        f"{prefix}rewards/rejected": mean(rejected_rewards),
-        f"{prefix}rewards/accuracies": mean(acc),
-        f"{prefix}rewards/margins": mean(margin),
-    }
-
-
-def apply_gradients(state: TrainState, grads, *, tx, tr_cfg):
-    """Steps 4 and 5: the optax update of the policy, then the trust-region reference update
-    (none when ``tr_cfg.enabled`` is False). Returns (params, ref_params, opt_state, step)."""
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    step = state.step + 1
-    if tr_cfg.enabled:
-        ref_params = trust_region.update_reference(
-            state.ref_params, params, step, alpha=float(tr_cfg.alpha), tau=int(tr_cfg.tau)
-        )
+        per_token = losses.token_logps(apply_fn(params, ids[:, :-1], **model_in), labels)
+    mask = mask.astype(jnp.float32)
+    per_token = jnp.where(mask != 0, per_token, 0.0) * mask
+    if is_token_layout(batch):
+        n = batch["examples"].shape[0] * num_streams
+        seq = batch["seq_ids"][:, 1:].reshape(-1)
+        total = jax.ops.segment_sum(per_token.reshape(-1), seq, num_segments=n)
+        tokens = jax.ops.segment_sum(mask.reshape(-1), seq, num_segments=n)
     else:
-        ref_params = state.ref_params
-    return params, ref_params, opt_state, step
+        total, tokens = per_token.sum(-1), mask.sum(-1)
+    if average:
+        total = total / jnp.maximum(tokens, 1.0)
+    return total.reshape(-1, num_streams), tokens.reshape(-1, num_streams)
 
 
 def microbatches(batch, k: int):
@@ -155,7 +168,8 @@ def microbatches(batch, k: int):
 
     Strided rather than contiguous, so that when B is split over data-parallel devices
     in contiguous blocks every microbatch keeps rows on every device (no resharding).
-    ``unmicrobatch`` restores the original row order.
+    ``unmicrobatch`` restores the original row order. (The packer lays out token-layout
+    rows and examples for this split: ``tr_align.data.packing``.)
     """
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), batch)
 
@@ -165,188 +179,155 @@ def unmicrobatch(x):
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def policy_loss(params, ref_logps, batch, *, apply_fn, loss_cfg, chunk_size: int = 0):
-    """Mean preference loss of the policy ``params`` on ``batch`` (steps 1 and 3).
-
-    ``ref_logps`` = (chosen [B], rejected [B]) reference log-probs. Returns
-    (loss, (pol_c, pol_r, chosen_rewards, rejected_rewards)); differentiate w.r.t. params.
-    """
-    pol_c, pol_r = pair_logps(
+def _logps_fn(apply_fn, batch, *, objective, chunk_size, streams=None):
+    return functools.partial(
+        sequence_logps,
         apply_fn,
-        params,
-        batch,
-        average=losses.uses_average_logps(loss_cfg.type),
+        batch=batch,
+        streams=objective.streams if streams is None else streams,
+        average=objective.average_logps,
         chunk_size=chunk_size,
     )
-    per_example, c_rew, r_rew = losses.preference_loss(
-        loss_cfg.type, pol_c, pol_r, *ref_logps, **_loss_kwargs(loss_cfg)
-    )
-    return per_example.mean(), (pol_c, pol_r, c_rew, r_rew)
 
 
-def _loss_and_grads(params, ref_params, batch, *, apply_fn, loss_cfg, chunk_size):
-    """Steps 1-3 on one (micro)batch -> (loss, grads, per-pair (pol_c, pol_r, ref_c, ref_r,
-    chosen_rewards, rejected_rewards))."""
-    average = losses.uses_average_logps(loss_cfg.type)
-    ref_c, ref_r = jax.lax.stop_gradient(
-        pair_logps(apply_fn, ref_params, batch, average=average, chunk_size=chunk_size)
-    )
+def policy_loss(params, ref_logps, batch, *, objective, apply_fn, chunk_size: int = 0):
+    """Step 1 and 3 on one (micro)batch: the objective's loss *sum* of the policy
+    ``params`` (differentiate w.r.t. params) and its statistics. ``ref_logps`` [E, S]:
+    the reference's per-sequence log-probs (None without a reference)."""
+    pol, tokens = _logps_fn(apply_fn, batch, objective=objective, chunk_size=chunk_size)(params)
+    stats = objective.loss(objectives_lib.Logps(pol, ref_logps, tokens), batch)
+    return stats["loss"][0], stats
+
+
+def _batch_stats(params, ref_params, batch, *, objective, apply_fn, chunk_size):
+    """Steps 1-3 on one (micro)batch -> (stats, grads of the loss sum)."""
+    ref = None
+    if objective.needs_reference:
+        logps = _logps_fn(apply_fn, batch, objective=objective, chunk_size=chunk_size)
+        ref = jax.lax.stop_gradient(logps(ref_params)[0])
     loss_fn = functools.partial(
-        policy_loss, apply_fn=apply_fn, loss_cfg=loss_cfg, chunk_size=chunk_size
+        policy_loss, objective=objective, apply_fn=apply_fn, chunk_size=chunk_size
     )
-    (loss, (pol_c, pol_r, c_rew, r_rew)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, (ref_c, ref_r), batch
-    )
-    return loss, grads, (pol_c, pol_r, ref_c, ref_r, c_rew, r_rew)
+    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, ref, batch)
+    return stats, grads
 
 
 def train_step(
     state: TrainState,
     batch,
     *,
+    objective,
     apply_fn,
     tx,
     schedule,
-    loss_cfg,
-    tr_cfg,
+    reference_update=None,
     grad_accum_steps: int = 1,
     logps_chunk_size: int = 0,
 ):
-    """One optimizer step of (TR-)DPO/IPO/KTO-pair. Pure; jit with ``compile_train_step``.
+    """One optimizer step of ``objective``. Pure; jit with ``compile_train_step``.
 
     With ``grad_accum_steps`` = K > 1 the batch is split into K microbatches
-    (``microbatches``) that a ``lax.scan`` runs one after another, summing loss and
-    gradients; the step then uses ``loss = sum / K`` and ``grads = sum / K``. For a loss
-    that is a mean over examples (all types except bco_pair) this is the full-batch loss
-    and gradient up to float32 summation order. ``bco_pair`` differs: its reward shift
-    ``delta`` is the mean reward of the batch it sees, here of each microbatch.
-    Metrics are computed from the per-pair values of all microbatches, exactly as for
-    the full batch. The optimizer and the reference update run once per step.
+    (``microbatches``) that a ``lax.scan`` runs one after another, adding their
+    statistics (sums, counts) and the gradients of their loss sums; the step then divides
+    by the total count. For a loss that is a mean over examples or tokens this is the
+    full-batch loss and gradient up to float32 summation order (see
+    ``tr_align.training.objectives`` for the batch statistics taken per microbatch). The
+    optimizer and the reference update run once per step.
     """
     rng, _ = jax.random.split(state.rng)  # no dropout yet; the key still advances per step
     run = functools.partial(
-        _loss_and_grads, apply_fn=apply_fn, loss_cfg=loss_cfg, chunk_size=logps_chunk_size
+        _batch_stats, objective=objective, apply_fn=apply_fn, chunk_size=logps_chunk_size
     )
     if grad_accum_steps == 1:
-        loss, grads, per_pair = run(state.params, state.ref_params, batch)
+        stats, grads = run(state.params, state.ref_params, batch)
     else:
+        micro = microbatches(batch, grad_accum_steps)
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(
+            jnp.zeros_like, jax.eval_shape(run, state.params, state.ref_params, first)
+        )
 
-        def body(acc, micro):
-            loss, grads, per_pair = run(state.params, state.ref_params, micro)
-            return jax.tree.map(jnp.add, acc, (loss, grads)), per_pair
+        def body(acc, mb):
+            return jax.tree.map(jnp.add, acc, run(state.params, state.ref_params, mb)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), per_pair = jax.lax.scan(body, zeros, microbatches(batch, grad_accum_steps))
-        loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
-        per_pair = jax.tree.map(unmicrobatch, per_pair)
-    pol_c, pol_r, ref_c, ref_r, c_rew, r_rew = per_pair
-
-    params, ref_params, opt_state, step = apply_gradients(state, grads, tx=tx, tr_cfg=tr_cfg)
-
-    metrics = {
-        "loss": loss,
-        **_reward_metrics("", c_rew, r_rew),
-        "logps/chosen": pol_c.mean(),
-        "logps/rejected": pol_r.mean(),
-        "ref_logps/chosen": ref_c.mean(),
-        "ref_logps/rejected": ref_r.mean(),
-        "grad_norm": optax.tree.norm(grads),
-        "learning_rate": schedule(state.step),
-        "ref/updates": trust_region.num_updates(step, enabled=tr_cfg.enabled, tau=int(tr_cfg.tau)),
-        "ref/param_distance": trust_region.param_distance(params, ref_params),
-    }
-    new_state = state.replace(
-        step=step, params=params, ref_params=ref_params, opt_state=opt_state, rng=rng
-    )
-    return new_state, metrics
+        (stats, grads), _ = jax.lax.scan(body, zeros, micro)
+    grads = jax.tree.map(lambda g: g / jnp.maximum(stats["loss"][1], 1e-30), grads)
+    metrics = objectives_lib.finalize(stats)
+    metrics.update(objective.derived(metrics))
+    new_state = state.apply_gradients(grads, tx=tx, reference_update=reference_update)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["learning_rate"] = schedule(state.step)
+    if objective.needs_reference:
+        ru = reference_update
+        metrics["ref/updates"] = (
+            jnp.zeros_like(new_state.step) if ru is None else ru.num_updates(new_state.step)
+        )
+        metrics["ref/param_distance"] = trust_region.param_distance(
+            new_state.params, new_state.ref_params
+        )
+    return new_state.replace(rng=rng), metrics
 
 
-def eval_step(state: TrainState, batch, *, apply_fn, loss_cfg, logps_chunk_size: int = 0):
-    """Held-out metrics for one batch (rows weighted by ``batch['weight']``).
-
-    Returns weighted means of the TRL-style metrics against the *current*
-    reference (``eval/rewards/...``) and of the implicit reward against the
-    *initial* policy (``eval/init_rewards/...``; the batch carries the starting
-    policy's log-probs of its rows as ``init_{chosen,rejected}_logps``), plus
-    the policy log-probs themselves so the caller can record them at step 0.
-    """
-    logps = functools.partial(
-        pair_logps,
+def eval_step(state: TrainState, batch, *, objective, apply_fn, logps_chunk_size: int = 0):
+    """Held-out metrics of one batch (weighted means, rows weighted by ``batch['weight']``)
+    and the policy's per-example log-probs of the two eval streams (recorded at step 0 as
+    the initial policy's, ``init_{chosen,rejected}_logps``)."""
+    logps = _logps_fn(
         apply_fn,
-        batch=batch,
-        average=losses.uses_average_logps(loss_cfg.type),
+        batch,
+        objective=objective,
         chunk_size=logps_chunk_size,
+        streams=objective.eval_streams,
     )
-    weight = batch["weight"]
-    pol_c, pol_r = logps(state.params)
-    ref_c, ref_r = logps(state.ref_params)
-    per_example, c_rew, r_rew = losses.preference_loss(
-        loss_cfg.type, pol_c, pol_r, ref_c, ref_r, **_loss_kwargs(loss_cfg)
-    )
-    if per_example.shape[0] != weight.shape[0]:  # kto_pair: [chosen part; rejected part]
-        per_example = per_example.reshape(2, -1).mean(0)
-    init_c, init_r = batch["init_chosen_logps"], batch["init_rejected_logps"]
-    init_margin = (pol_c - init_c) - (pol_r - init_r)
-    metrics = {
-        "eval/loss": _mean(per_example, weight),
-        **_reward_metrics("eval/", c_rew, r_rew, weight),
-        "eval/init_rewards/accuracies": _mean(init_margin > 0, weight),
-        "eval/init_rewards/margins": float(loss_cfg.beta) * _mean(init_margin, weight),
-    }
-    return metrics, (pol_c, pol_r)
+    pol, tokens = logps(state.params)
+    ref = logps(state.ref_params)[0] if objective.needs_reference else None
+    metrics = objective.eval_metrics(objectives_lib.Logps(pol, ref, tokens), batch)
+    return metrics, (pol[:, 0], pol[:, 1])
 
 
-def jit_train_step(step_fn, mesh, state_shardings, batch_keys):
-    """``step_fn(state, batch) -> (state, metrics)`` jitted over ``mesh``: the state in and out
-    with ``state_shardings`` and donated, batch arrays ``batch_keys`` split over the
-    data-parallel axes, metrics replicated."""
+def compile_train_step(
+    mesh,
+    state_shardings,
+    batch_keys,
+    *,
+    objective,
+    apply_fn,
+    tx,
+    schedule,
+    reference_update=None,
+    grad_accum_steps: int = 1,
+    logps_chunk_size: int = 0,
+):
+    """``train_step`` jitted over ``mesh``: the state in and out with ``state_shardings``
+    and donated, batch arrays ``batch_keys`` split over the data-parallel axes, metrics
+    replicated."""
+    fn = functools.partial(
+        train_step,
+        objective=objective,
+        apply_fn=apply_fn,
+        tx=tx,
+        schedule=schedule,
+        reference_update=reference_update,
+        grad_accum_steps=grad_accum_steps,
+        logps_chunk_size=logps_chunk_size,
+    )
     batch_sh = {k: sharding.batch_sharding(mesh) for k in batch_keys}
     return jax.jit(
-        step_fn,
+        fn,
         in_shardings=(state_shardings, batch_sh),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
 
 
-def jit_eval_step(eval_fn, mesh, state_shardings):
-    """``eval_fn(state, batch) -> (metrics, per-row outputs)`` jitted over ``mesh``."""
+def compile_eval_step(mesh, state_shardings, *, objective, apply_fn, logps_chunk_size: int = 0):
+    """``eval_step`` jitted over ``mesh``: (metrics replicated, per-example outputs split)."""
+    fn = functools.partial(
+        eval_step, objective=objective, apply_fn=apply_fn, logps_chunk_size=logps_chunk_size
+    )
     batch_sh = sharding.batch_sharding(mesh)
     return jax.jit(
-        eval_fn,
+        fn,
         in_shardings=(state_shardings, batch_sh),
         out_shardings=(sharding.replicated(mesh), batch_sh),
     )
-
-
-def compile_train_step(
-    mesh,
-    state_shardings,
-    *,
-    apply_fn,
-    tx,
-    schedule,
-    loss_cfg,
-    tr_cfg,
-    grad_accum_steps: int = 1,
-    logps_chunk_size: int = 0,
-):
-    """``train_step`` jitted over ``mesh``: explicit shardings, state donated."""
-    fn = functools.partial(
-        train_step,
-        apply_fn=apply_fn,
-        tx=tx,
-        schedule=schedule,
-        loss_cfg=loss_cfg,
-        tr_cfg=tr_cfg,
-        grad_accum_steps=grad_accum_steps,
-        logps_chunk_size=logps_chunk_size,
-    )
-    return jit_train_step(fn, mesh, state_shardings, PAIR_KEYS)
-
-
-def compile_eval_step(mesh, state_shardings, *, apply_fn, loss_cfg, logps_chunk_size: int = 0):
-    fn = functools.partial(
-        eval_step, apply_fn=apply_fn, loss_cfg=loss_cfg, logps_chunk_size=logps_chunk_size
-    )
-    return jit_eval_step(fn, mesh, state_shardings)
