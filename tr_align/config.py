@@ -22,7 +22,12 @@ OPTIONAL_DEFAULTS = {
     "trust_region.ref_dtype": "float32",
     "train.grad_accum_steps": 1,
     "train.logps_chunk_size": 0,
+    # Batch layout (tr_align.data.packing): none = one padded row per sequence; packed =
+    # several sequences per row; prefix_shared = prompt once, each completion a branch.
+    "data.packing": "none",
+    "data.pack_length": 0,  # tokens per packed row; 0 = the bucket of the longest segment
 }
+PACKING_LAYOUTS = ("none", "packed", "prefix_shared")
 
 REQUIRED_KEYS = (
     "train.steps",
@@ -206,6 +211,15 @@ def validate(config, num_devices: int) -> None:
         chunk,
         "must be an integer >= 0 (0 = off)",
     )
+    packing = get_optional(config, "data.packing")
+    _check(packing in PACKING_LAYOUTS, "data.packing", packing, f"must be one of {PACKING_LAYOUTS}")
+    pack_length = get_optional(config, "data.pack_length")
+    _check(
+        _is_int(pack_length) and pack_length >= 0,
+        "data.pack_length",
+        pack_length,
+        "must be an integer >= 0 (0 = the bucket of the batch's longest segment)",
+    )
     if not source:
         try:
             LlamaConfig(**{k: v for k, v in config.model.items() if k != "pretrained"})
@@ -231,13 +245,6 @@ def validate(config, num_devices: int) -> None:
             f"must be divisible by the data-parallel size mesh.data*mesh.fsdp={dp}",
         )
 
-    _check(
-        accum == 1 or lo.type not in UNPAIRED_LOSSES + SFT_LOSSES,
-        "train.grad_accum_steps",
-        accum,
-        f"must be 1 for loss.type={lo.type!r} (its batch statistics are not additive over "
-        "microbatches)",
-    )
     _check(
         t.batch_size % (accum * dp) == 0,
         "train.batch_size",

@@ -266,7 +266,8 @@ def pack_batch(
     process_count: int = 1,
 ) -> dict:
     """The host-local sequence batch of global batch ``idx`` (module docstring): [R_local, L]
-    ``FIELDS`` arrays and, for unpaired data, ``label`` [E_local]."""
+    ``FIELDS`` arrays, ``examples`` [E_local] (the examples' dataset indices) and, for
+    unpaired data, ``label`` [E_local]."""
     idx = np.asarray(idx)
     p = plan(
         data,
@@ -322,8 +323,10 @@ def pack_batch(
             loss[row, t + 1 : t + 1 + m] = 1
             sid[row, t + 1 : t + 1 + m] = (g // K) * S + s
             t += 1 + m
+    my_examples = idx[process_index * e_local : (process_index + 1) * e_local]
+    out["examples"] = my_examples.astype(np.int32)  # dataset indices: E, for the step
     if not data.paired:
-        out["label"] = data.label[idx[process_index * e_local : (process_index + 1) * e_local]]
+        out["label"] = data.label[my_examples]
     return out
 
 

@@ -24,10 +24,10 @@ from tr_align.training import objectives as objectives_lib
 from tr_align.training import optim
 from tr_align.training import step as step_lib
 
-# The batch layouts the steps read (``tr_align.training.step``): ``padded`` = one row per
-# sequence (``data.batching.make_batch``); the others = the token layout of
+# The batch layouts the steps read (``data.packing``, ``tr_align.training.step``): ``none`` =
+# one padded row per sequence (``data.batching.make_batch``); the others = the token layout of
 # ``tr_align.data.packing`` (several sequences per row, or prompt-shared segments).
-LAYOUTS = ("padded", "packed", "prefix_shared")
+LAYOUTS = ("none", "packed", "prefix_shared")
 PAIRED_STREAMS = ("chosen", "rejected")
 
 
@@ -42,7 +42,7 @@ def batch_keys(objective, layout: str, *, eval: bool = False) -> tuple[str, ...]
     per_example = tuple(objective.example_keys)
     if eval:
         per_example += ("weight", "init_chosen_logps", "init_rejected_logps")
-    if layout == "padded":
+    if layout == "none":
         return step_lib.padded_keys(data_streams(objective)) + per_example
     return step_lib.TOKEN_FIELDS + ("examples",) + per_example
 
@@ -64,6 +64,22 @@ class Program:
     train_step: Callable  # jitted, donates the state
     eval_step: Callable
     grad_accum_steps: int
+    pack_length: int = 0
+
+    def loader_kwargs(self, *, eval: bool = False) -> dict:
+        """The layout arguments of ``data.loader.train_iterator`` / ``eval_batches`` for
+        this program's batches (none for the padded layout)."""
+        if self.layout == "none":
+            return {}
+        kw = dict(
+            layout=self.layout,
+            streams=self.objective.eval_streams if eval else self.objective.streams,
+            shards=sharding.data_parallel_size(self.mesh),
+            pack_length=self.pack_length,
+        )
+        if not eval:
+            kw["microbatches"] = self.grad_accum_steps
+        return kw
 
     def init(self, rng, params=None):
         """A fresh state, born sharded (``params`` None: the model's random init)."""
@@ -73,7 +89,7 @@ class Program:
         """ShapeDtypeStructs of a global batch of ``examples`` examples in rows of
         ``length`` tokens: padded, one [examples, length] array per stream; token layout,
         ``rows`` rows (default: one per sequence, as many tokens as the padded batch)."""
-        if self.layout == "padded":
+        if self.layout == "none":
             rows = examples
         elif rows is None:
             streams = self.objective.eval_streams if eval else self.objective.streams
@@ -96,12 +112,12 @@ def build_program(
     rules,
     total_steps: int,
     params=None,
-    layout: str = "padded",
 ) -> Program:
     """The objective (``loss``), reference update (``trust_region``), optimizer, abstract
     state, state shardings and the compiled train/eval steps of ``config`` for
     ``model_config`` on ``mesh``. ``params``: the initial policy (arrays or
-    ShapeDtypeStructs; None = the model's random init); only its shapes are used here."""
+    ShapeDtypeStructs; None = the model's random init); only its shapes are used here.
+    The batch layout is ``data.packing`` (``data.pack_length`` tokens per packed row)."""
     opt = functools.partial(get_optional, config)
     objective = objectives_lib.from_config(config.loss)
     reference_update = (
@@ -120,6 +136,7 @@ def build_program(
     rng = jax.ShapeDtypeStruct((2,), np.uint32)
     abstract = jax.eval_shape(make_state, rng, params)
     shardings = sharding.state_shardings(mesh, abstract, hf.param_axes(model_config), rules)
+    layout = opt("data.packing")
     chunk = opt("train.logps_chunk_size")
     accum = opt("train.grad_accum_steps")
     return Program(
@@ -136,7 +153,6 @@ def build_program(
         train_step=step_lib.compile_train_step(
             mesh,
             shardings,
-            batch_keys(objective, layout),
             objective=objective,
             apply_fn=apply_fn,
             tx=tx,
@@ -149,4 +165,5 @@ def build_program(
             mesh, shardings, objective=objective, apply_fn=apply_fn, logps_chunk_size=chunk
         ),
         grad_accum_steps=accum,
+        pack_length=opt("data.pack_length"),
     )

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from tr_align import config as config_lib
 from tr_align import hf, sharding
-from tr_align.data import batching, loader, pipeline
+from tr_align.data import batching, loader, packing, pipeline
 from tr_align.io import pretrained
 from tr_align.models import count_params
 from tr_align.training import build as build_lib
@@ -71,7 +71,7 @@ def _check_finite(step, metrics, last_ckpt):
         )
 
 
-def _run_eval(p_eval, state, data, init_logps, mesh, batch_size):
+def _run_eval(p_eval, state, data, init_logps, mesh, batch_size, layout_kwargs=None):
     """Weighted means of the eval metrics over the whole held-out set, plus policy log-probs.
 
     ``data``: the ``pipeline.Data``; ``init_logps`` = the initial policy's (chosen, rejected)
@@ -81,16 +81,19 @@ def _run_eval(p_eval, state, data, init_logps, mesh, batch_size):
     local = batch_size // pc
     totals, weight_sum, logps = {}, 0.0, ([], [])
     per_row = {"init_chosen_logps": init_logps[0], "init_rejected_logps": init_logps[1]}
+    kw = dict(layout_kwargs or {})
+    if kw:  # sequence batches come cut to this process's rows and examples
+        kw.update(process_index=pi, process_count=pc)
     for batch in loader.eval_batches(
-        data.eval, batch_size, buckets=data.buckets, pad_id=data.pad_id, per_row=per_row
+        data.eval, batch_size, buckets=data.buckets, pad_id=data.pad_id, per_row=per_row, **kw
     ):
-        host = {k: v[pi * local : (pi + 1) * local] for k, v in batch.items()}
+        host = batch if kw else {k: v[pi * local : (pi + 1) * local] for k, v in batch.items()}
         metrics, pol_logps = p_eval(state, sharding.put_batch(host, mesh))
-        w = float(batch["weight"].sum())
+        w = float(multihost_utils.process_allgather(host["weight"], tiled=True).sum())
         for k, v in jax.device_get(metrics).items():
             totals[k] = totals.get(k, 0.0) + float(v) * w
         weight_sum += w
-        real = batch["weight"] > 0
+        real = np.asarray(multihost_utils.process_allgather(host["weight"], tiled=True)) > 0
         for out, arr in zip(logps, pol_logps):
             out.append(np.asarray(multihost_utils.process_allgather(arr, tiled=True))[real])
     means = {k: v / weight_sum for k, v in totals.items()}
@@ -239,6 +242,7 @@ def run(
         group_window=config.data.group_window if config.data.get("group_by_length") else 0,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        **built.program.loader_kwargs(),
     )
     mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.max_to_keep)
     restored = checkpoint.restore_latest(mngr, built.abstract_state, built.state_shardings)
@@ -258,6 +262,7 @@ def run(
         data=data,
         mesh=mesh,
         batch_size=config.train.eval_batch_size,
+        layout_kwargs=built.program.loader_kwargs(eval=True),
     )
 
     writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
@@ -322,7 +327,9 @@ def run(
                 flush()  # the previous step's metrics, fetched while this step runs
                 if step % config.train.log_every_steps == 0 or step == end:
                     host = {  # this process's rows; the same bucket on every process
-                        "data/padding_efficiency": batching.padding_efficiency(host_batch),
+                        "data/padding_efficiency": (
+                            packing if "seq_ids" in host_batch else batching
+                        ).padding_efficiency(host_batch),
                         "data/length": host_batch[next(iter(host_batch))].shape[1],
                     }
                     pending = (step, m, host)

@@ -288,7 +288,6 @@ def eval_step(state: TrainState, batch, *, objective, apply_fn, logps_chunk_size
 def compile_train_step(
     mesh,
     state_shardings,
-    batch_keys,
     *,
     objective,
     apply_fn,
@@ -299,8 +298,8 @@ def compile_train_step(
     logps_chunk_size: int = 0,
 ):
     """``train_step`` jitted over ``mesh``: the state in and out with ``state_shardings``
-    and donated, batch arrays ``batch_keys`` split over the data-parallel axes, metrics
-    replicated."""
+    and donated, every batch array (either layout) split over the data-parallel axes,
+    metrics replicated."""
     fn = functools.partial(
         train_step,
         objective=objective,
@@ -311,10 +310,9 @@ def compile_train_step(
         grad_accum_steps=grad_accum_steps,
         logps_chunk_size=logps_chunk_size,
     )
-    batch_sh = {k: sharding.batch_sharding(mesh) for k in batch_keys}
     return jax.jit(
         fn,
-        in_shardings=(state_shardings, batch_sh),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
