@@ -116,9 +116,23 @@ def parity(args, tmp):
     if not args.cpu_smoke:  # the suite's stored-transformers-output parity tests, on device
         env = dict(os.environ, JAX_PLATFORMS="cuda", JAX_DEFAULT_MATMUL_PRECISION="highest")
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
-             "tests/test_model.py", "tests/test_gpt_neox.py", "tests/test_hf.py"],
-            capture_output=True, text=True, timeout=240, env=env,
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:xdist",
+                "-p",
+                "no:cacheprovider",
+                "tests/test_model.py",
+                "tests/test_gpt_neox.py",
+                "tests/test_hf.py",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
         )
         out["pytest_rc"] = proc.returncode
         out["pytest_tail"] = proc.stdout.strip().splitlines()[-3:]
@@ -161,8 +175,15 @@ def tr_align_speed(args, pairs, model_cfg):
             loss=dict(type="sigmoid", beta=0.1, label_smoothing=0.0, discopop_tau=0.05),
             trust_region=dict(enabled=True, alpha=0.6, tau=1),
             optimizer=dict(
-                learning_rate=1e-6, warmup_steps=0, schedule="constant", end_lr_factor=1.0,
-                weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0,
+                learning_rate=1e-6,
+                warmup_steps=0,
+                schedule="constant",
+                end_lr_factor=1.0,
+                weight_decay=0.0,
+                b1=0.9,
+                b2=0.999,
+                eps=1e-8,
+                max_grad_norm=1.0,
             ),
             train=dict(steps=1000, batch_size=args.pairs, seed=0),
             data=dict(packing=args.packing, pack_length=args.seq_len),
@@ -281,17 +302,32 @@ def trl_speed(args, pairs, model_cfg, tmp, mode):
     )
     pad = _PadTokenizer(model_cfg["vocab_size"])
     trainer = DPOTrainer(
-        model=model, ref_model=ref, args=cfg, train_dataset=ds, processing_class=pad,
+        model=model,
+        ref_model=ref,
+        args=cfg,
+        train_dataset=ds,
+        processing_class=pad,
         callbacks=[Stamp()],
     )
     trainer.train()
     intervals = np.diff(stamps)[args.warmup - 1 :] if args.warmup else np.diff(stamps)
     step_s = float(np.median(intervals))
-    real = float(np.median([
-        sum(len(p) * 2 + len(c) + len(r) for p, c, r in rows[k * args.pairs : (k + 1) * args.pairs])
-        for k in range(args.warmup, args.warmup + args.steps)
-    ]))
-    return {"mode": mode, "step_s_median": round(step_s, 4), "real_tokens_per_s": round(real / step_s, 1)}
+    real = float(
+        np.median(
+            [
+                sum(
+                    len(p) * 2 + len(c) + len(r)
+                    for p, c, r in rows[k * args.pairs : (k + 1) * args.pairs]
+                )
+                for k in range(args.warmup, args.warmup + args.steps)
+            ]
+        )
+    )
+    return {
+        "mode": mode,
+        "step_s_median": round(step_s, 4),
+        "real_tokens_per_s": round(real / step_s, 1),
+    }
 
 
 class _PadTokenizer:
@@ -329,8 +365,10 @@ def main(argv=None):
     model_cfg = TINY if args.cpu_smoke else ONE_B
     prompt_len, response_len = (40, 30) if args.cpu_smoke else (300, 180)
     pairs = synthetic_pairs(
-        args.pairs * (args.steps + args.warmup), prompt_len=prompt_len,
-        response_len=response_len, vocab=model_cfg["vocab_size"],
+        args.pairs * (args.steps + args.warmup),
+        prompt_len=prompt_len,
+        response_len=response_len,
+        vocab=model_cfg["vocab_size"],
     )
     results = {
         "argv": sys.argv[1:],
@@ -355,7 +393,9 @@ def main(argv=None):
             have_trl = False
         if have_trl and "trl" not in skip:
             for mode in ("dpo", "trdpo"):
-                _section(results, f"trl_{mode}", lambda m=mode: trl_speed(args, pairs, model_cfg, tmp, m))
+                _section(
+                    results, f"trl_{mode}", lambda m=mode: trl_speed(args, pairs, model_cfg, tmp, m)
+                )
             ours = results.get("tr_align", {}).get("real_tokens_per_s")
             theirs = results.get("trl_trdpo", {}).get("real_tokens_per_s")
             if ours and theirs:

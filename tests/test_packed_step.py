@@ -123,8 +123,6 @@ def test_sft_grad_accumulation_is_the_full_batch_token_mean(tiny_config):
 
 @pytest.mark.slow
 def test_prefix_shared_with_chunked_logps_and_remat(tiny_config):
-    config = _config(
-        tiny_config, **{"train.logps_chunk_size": 4, "model.remat": "full"}
-    )
+    config = _config(tiny_config, **{"train.logps_chunk_size": 4, "model.remat": "full"})
     want = _run(config, "none", 2, jax.devices()[:1])
     _assert_same(_run(config, "prefix_shared", 2, jax.devices()[:1]), want)

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from conftest import REPO, load_default_config
-from tr_align import hf
+from tr_align import hf, losses
 from tr_align.config import ConfigError
 from tr_align.models import count_params
 from tr_align.tools import plan
@@ -126,3 +126,31 @@ def test_tpu_compiler_plan_when_libtpu_is_installed():
     # The TPU pads small arrays to its (8, 128) tiles, so it counts more than the shapes hold.
     assert _state_and_batch(b) <= b["arguments"] <= 2 * _state_and_batch(b)
     assert report["fits"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", ("sft", "kto", *losses.LOSS_TYPES))
+def test_plan_compiles_the_step_of_every_objective(loss_type):
+    """plan builds through the loop's build_program, so SFT (no reference: 0 bytes), unpaired
+    KTO (completion and KL rows) and every paired loss are planned as they train."""
+    config = load_default_config()
+    config.loss.type = loss_type
+    report = plan.plan(
+        config,
+        plan.model_config_from(config, None),
+        jax.devices()[:2],
+        seq_len=16,
+        batch_per_shard=2,
+        mesh_cfg=dict(data=2, fsdp=1, tensor=1),
+    )
+    b = report["bytes"]
+    assert report["loss"] == loss_type
+    assert b["reference"] == (0 if loss_type == "sft" else 4 * N_PARAMS)
+    # int32 [B, T] arrays per example stream (SFT's padded batch still holds both streams),
+    # plus KTO's label
+    label = 2 * 4 if loss_type == "kto" else 0
+    assert b["batch"] == 6 * 2 * 16 * 4 + label
+    assert (
+        b["temp"] > 0
+        and b["aliased"] == b["params"] + b["reference"] + b["optimizer"] + b["step_rng"]
+    )
