@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -31,13 +30,12 @@ from tr_align import config as config_lib
 from tr_align import hf, sharding
 from tr_align.data import batching, loader, pipeline
 from tr_align.io import pretrained
+from tr_align.io.rundir import SUMMARY_PLOT, RunDir
 from tr_align.models import count_params
 from tr_align.training import checkpoint, optim, plotting, sft, unpaired
 from tr_align.training import step as train
 from tr_align.training.metrics import MetricWriter
 from tr_align.training.step import init_state
-
-MODEL_CONFIG_FILE = "model_config.json"  # the policy's Hugging Face config.json, for export
 
 
 class _StopRequest:
@@ -233,14 +231,12 @@ def run(
     mesh = built.mesh
     data = built.data
     os.makedirs(workdir, exist_ok=True)
+    run_dir = RunDir(workdir)
     if is_main:
         print(pipeline.describe(data.report), flush=True)
-        with open(os.path.join(workdir, "data.json"), "w", encoding="utf-8") as f:
-            json.dump(data.report, f, indent=2)
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json(indent=2))
-        with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(hf.config_to_hf(built.model_config), f, indent=2)
+        run_dir.write_data_report(data.report)
+        run_dir.write_config(config)
+        run_dir.write_model_config(built.model_config)
 
     total = built.steps
     data_it = loader.train_iterator(
@@ -369,10 +365,9 @@ def run(
     }
     if is_main:
         plotting.summary_plot(
-            writer.path, os.path.join(workdir, "summary.png"), title=f"{config.loss.type}, {mode}"
+            writer.path, run_dir.file(SUMMARY_PLOT), title=f"{config.loss.type}, {mode}"
         )
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        run_dir.write_summary(summary)
         _print_summary(summary, workdir, interrupted=done < total)
     return summary
 
