@@ -95,3 +95,15 @@ def test_generate_with_the_shipped_smollm2():
     assert (
         "### prompt: What is the capital of France?\nThe capital of France is Paris." in out.stdout
     )
+
+
+def test_every_command_maps_project_errors_to_one_line(tmp_path):
+    out = _cli("export", f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}")
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"tr-align: {tmp_path / 'model_config.json'}: not found; is {tmp_path} a tr-align run "
+        "directory?"
+    )
+    out = _cli("eval", f"--policy={tmp_path / 'nope'}", f"--out={tmp_path / 'out'}")
+    assert out.returncode == 2 and out.stderr.strip().startswith("tr-align: ")
+    assert "not a model" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO
 from tr_align import hf
-from tr_align.experiments import evaluate, scorers
+from tr_align.experiments import evaluate, policy, scorers
 from tr_align.models import LlamaConfig
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -29,7 +29,7 @@ def _gqa():
     sft = evaluate.load_policy(str(FIXTURES / "hf" / "llama_gqa"))
     params = jax.tree.map(jnp.array, sft.params)
     params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 3.0
-    return evaluate.with_params(sft, params, "sharp"), sft
+    return policy.with_params(sft, params, "sharp"), sft
 
 
 def _log_softmax(x):

@@ -46,6 +46,8 @@ from __future__ import annotations
 import os
 import sys
 
+from tr_align import errors
+
 USAGE = __doc__.split("\n", 2)[2]
 _REPO_DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"
@@ -64,33 +66,52 @@ def _define_config_flag():
     )
 
 
+# Every project error type (tr_align.errors) -> the label of its one-line message
+# (``tr-align: LABEL: MESSAGE``; None: ``tr-align: MESSAGE``) and the exit code, for every
+# command. The first row an error is an instance of applies; anything else is a bug and keeps
+# its traceback.
+ERRORS = (
+    (errors.ConfigError, "config error", 2),
+    (errors.DataError, "data error", 2),
+    (errors.DistributedSetupError, "distributed setup", 2),
+    (errors.RunDirError, None, 2),
+    (errors.ModelNotFoundError, None, 2),
+    (errors.MissingDependencyError, None, 2),
+    (errors.RemoteError, None, 2),
+    # errors.NonFiniteError; the training loop still raises the built-in FloatingPointError
+    (FloatingPointError, None, 1),
+    (errors.Error, None, 2),
+)
+
+
+def error_report(e: BaseException) -> tuple[str, int] | None:
+    """``(one-line message, exit code)`` for a project error, None for any other exception."""
+    for kind, label, code in ERRORS:
+        if isinstance(e, kind):
+            text = " ".join(str(e).split("\n"))
+            return (f"tr-align: {label}: {text}" if label else f"tr-align: {text}"), code
+    return None
+
+
 def _run_app(argv, command, body) -> None:
-    """Runs ``body()`` under absl with quiet logging and one-line errors for bad configs."""
+    """Runs ``body()`` under absl with quiet logging; a project error ends the command with
+    its one-line message and exit code (``error_report``), whatever the command."""
     from absl import app, logging
 
     def main(_):
         if not any(a.startswith(("--verbosity", "-v")) for a in argv):
             logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         from tr_align import distributed
-        from tr_align.config import ConfigError
-        from tr_align.data.sources import DataError
 
         try:
             distributed.initialize()  # multi-host jobs: before anything touches a device
-        except ValueError as e:
-            print(f"tr-align: distributed setup: {e}", file=sys.stderr)
-            sys.exit(2)
-        try:
             body()
-        except ConfigError as e:
-            print(f"tr-align: config error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except DataError as e:
-            print(f"tr-align: data error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except FloatingPointError as e:
-            print(f"tr-align: {e}", file=sys.stderr)
-            sys.exit(1)
+        except Exception as e:
+            report = error_report(e)
+            if report is None:
+                raise
+            print(report[0], file=sys.stderr)
+            sys.exit(report[1])
 
     app.run(main, argv=[f"{argv[0]} {command}"] + list(argv[2:]))
 
@@ -149,7 +170,6 @@ def _bench(argv) -> None:
 
     def body():
         from tr_align import trust_region
-        from tr_align.config import ConfigError
         from tr_align.tools import bench
 
         if FLAGS.memory:
@@ -170,7 +190,7 @@ def _bench(argv) -> None:
             return
         unknown = sorted(set(FLAGS.modes) - set(trust_region.PRESETS))
         if unknown:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"--modes={','.join(unknown)}: expected {sorted(trust_region.PRESETS)}"
             )
         _, table = bench.run(
@@ -205,40 +225,54 @@ def _export(argv) -> None:
 def _generate(argv) -> None:
     from absl import flags
 
+    from tr_align import generate
+
+    d = generate.SamplingSettings()
     flags.DEFINE_string(
         "model", None, "HF model directory, .gguf file or 'smollm2'.", required=True
     )
     flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch).", required=True)
     flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn with the chat template.")
-    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
-    flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
-    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = all).")
-    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    _define_sampling_flags(d, temperature_help="0 = greedy.")
     FLAGS = flags.FLAGS
 
     def body():
-        from tr_align import generate
-
-        texts = generate.complete(
-            FLAGS.model,
-            FLAGS.prompt,
-            chat=FLAGS.chat,
-            max_new_tokens=FLAGS.max_new_tokens,
-            temperature=FLAGS.temperature,
-            top_k=FLAGS.top_k,
-            top_p=FLAGS.top_p,
-            seed=FLAGS.seed,
-        )
+        texts = generate.complete(FLAGS.model, FLAGS.prompt, _sampling(FLAGS), chat=FLAGS.chat)
         for prompt, text in zip(FLAGS.prompt, texts):
             print(f"### prompt: {prompt}\n{text}\n")
 
     _run_app(argv, "generate", body)
 
 
+def _define_sampling_flags(d, *, temperature_help: str) -> None:
+    """--max_new_tokens, --temperature, --top_k, --top_p, --seed with the defaults of the
+    ``generate.SamplingSettings`` ``d``."""
+    from absl import flags
+
+    flags.DEFINE_integer("max_new_tokens", d.max_new_tokens, "Tokens to generate per prompt.")
+    flags.DEFINE_float("temperature", d.temperature, temperature_help)
+    flags.DEFINE_integer("top_k", d.top_k, "Sample among the k most likely tokens (0 = all).")
+    flags.DEFINE_float("top_p", d.top_p, "Nucleus sampling mass (1 = all).")
+    flags.DEFINE_integer("seed", d.seed, "Sampling seed.")
+
+
+def _sampling(FLAGS):
+    from tr_align import generate
+
+    return generate.SamplingSettings(
+        max_new_tokens=FLAGS.max_new_tokens,
+        temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p,
+        seed=FLAGS.seed,
+    )
+
+
 def _eval(argv) -> None:
     from absl import flags
     from ml_collections import config_flags
+
+    from tr_align.experiments import evaluate
 
     config_flags.DEFINE_config_file(
         "config",
@@ -284,40 +318,28 @@ def _eval(argv) -> None:
     flags.DEFINE_bool("chat", False, "Wrap string prompts as a user turn (chat template).")
     flags.DEFINE_integer("num_prompts", 0, "Use the first N prompts (0 = all).")
     flags.DEFINE_integer("samples_per_prompt", 1, "Completions sampled per prompt.")
-    flags.DEFINE_integer("max_new_tokens", 64, "Tokens per completion (at most).")
-    flags.DEFINE_float("temperature", 1.0, "Sampling temperature (1 for an unbiased KL).")
-    flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
-    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
-    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    _define_sampling_flags(
+        evaluate.EVAL_SAMPLING, temperature_help="Sampling temperature (1 for an unbiased KL)."
+    )
     flags.DEFINE_integer("batch_size", 32, "Rows per generation / scoring batch.")
     FLAGS = flags.FLAGS
 
     def body():
-        from tr_align.experiments import evaluate
-
-        try:
-            _, table = evaluate.run(
-                FLAGS.policy,
-                FLAGS.out,
-                prompts_file=FLAGS.prompts,
-                config=FLAGS.config,
-                sft=FLAGS.sft,
-                scorer_specs=FLAGS.scorer,
-                judge_spec=FLAGS.judge,
-                baseline=FLAGS.baseline,
-                chat=FLAGS.chat,
-                num_prompts=FLAGS.num_prompts,
-                samples_per_prompt=FLAGS.samples_per_prompt,
-                max_new_tokens=FLAGS.max_new_tokens,
-                temperature=FLAGS.temperature,
-                top_k=FLAGS.top_k,
-                top_p=FLAGS.top_p,
-                seed=FLAGS.seed,
-                batch_size=FLAGS.batch_size,
-            )
-        except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
-            print(f"tr-align: eval: {e}", file=sys.stderr)
-            sys.exit(2)
+        _, table = evaluate.run(
+            FLAGS.policy,
+            FLAGS.out,
+            _sampling(FLAGS),
+            prompts_file=FLAGS.prompts,
+            config=FLAGS.config,
+            sft=FLAGS.sft,
+            scorer_specs=FLAGS.scorer,
+            judge_spec=FLAGS.judge,
+            baseline=FLAGS.baseline,
+            chat=FLAGS.chat,
+            num_prompts=FLAGS.num_prompts,
+            samples_per_prompt=FLAGS.samples_per_prompt,
+            batch_size=FLAGS.batch_size,
+        )
         print(table)
         print(f"tr-align: wrote {FLAGS.out}/eval.json, eval.md and completions.jsonl")
 
@@ -344,17 +366,10 @@ def _frontier(argv) -> None:
         from tr_align.experiments import frontier
 
         if FLAGS.config is None:
-            print(
-                "tr-align: frontier: --config=configs/frontier.py is required outside the "
-                "repository",
-                file=sys.stderr,
+            raise errors.ConfigError(
+                "--config=configs/frontier.py is required outside the repository"
             )
-            sys.exit(2)
-        try:
-            frontier.run(FLAGS.config, FLAGS.workdir)
-        except (FileNotFoundError, ImportError) as e:
-            print(f"tr-align: frontier: {e}", file=sys.stderr)
-            sys.exit(2)
+        frontier.run(FLAGS.config, FLAGS.workdir)
         print(f"tr-align: wrote {FLAGS.workdir}/frontier.json and frontier.png")
 
     _run_app(argv, "frontier", body)
@@ -516,8 +531,6 @@ def _toy(argv) -> None:
     FLAGS = flags.FLAGS
 
     def body():
-        from tr_align.config import ConfigError
-
         settings = toy.ToySettings(
             seeds=FLAGS.seeds,
             steps=FLAGS.steps,
@@ -526,15 +539,12 @@ def _toy(argv) -> None:
             beta=FLAGS.beta,
             hard_tau=FLAGS.hard_tau,
         )
-        try:
-            settings.validate()
-            unknown = [m for m in FLAGS.methods if m not in toy.METHODS]
-            if unknown:
-                raise ValueError(
-                    f"--methods: unknown {unknown}; expected some of {list(toy.METHODS)}"
-                )
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        settings.validate()
+        unknown = [m for m in FLAGS.methods if m not in toy.METHODS]
+        if unknown:
+            raise errors.ConfigError(
+                f"--methods: unknown {unknown}; expected some of {list(toy.METHODS)}"
+            )
         toy.main(FLAGS.workdir, settings, FLAGS.methods)
 
     _run_app(argv, "toy", body)

@@ -10,23 +10,19 @@ from __future__ import annotations
 import math
 import os
 
-from tr_align import losses, sharding
+from tr_align import dtypes, losses, sharding
+from tr_align.data import formats
+from tr_align.defaults import DEFAULTS
+from tr_align.defaults import get as get_optional
+from tr_align.errors import ConfigError
 from tr_align.io import pretrained
 from tr_align.models import LlamaConfig
 from tr_align.models.common import REMAT_POLICIES
 from tr_align.training import optim
 
-# Memory levers (README "Memory levers"): optional keys, absent = today's behaviour.
-OPTIONAL_DEFAULTS = {
-    "model.remat": "none",
-    "trust_region.ref_dtype": "float32",
-    "train.grad_accum_steps": 1,
-    "train.logps_chunk_size": 0,
-    # Batch layout (tr_align.data.packing): none = one padded row per sequence; packed =
-    # several sequences per row; prefix_shared = prompt once, each completion a branch.
-    "data.packing": "none",
-    "data.pack_length": 0,  # tokens per packed row; 0 = the bucket of the longest segment
-}
+# Optional keys and what their absence means: tr_align.defaults.DEFAULTS (one table; read with
+# ``get_optional(config, key)``). This view holds the default values only.
+OPTIONAL_DEFAULTS = {key: d.value for key, d in DEFAULTS.items()}
 PACKING_LAYOUTS = ("none", "packed", "prefix_shared")
 
 REQUIRED_KEYS = (
@@ -60,10 +56,6 @@ SFT_LOSSES = ("sft",)  # next-token loss on the chosen completions (objectives.S
 DATA_SOURCES = ("synthetic", "files", "hub", "tfds")
 
 
-class ConfigError(ValueError):
-    """An invalid config value; the message names the key."""
-
-
 def load_config_file(path: str, preset: str | None = None):
     """``get_config(preset)`` of a config file, loaded by path (as ``--config=PATH:PRESET``);
     lets one recipe start from another."""
@@ -83,16 +75,6 @@ def _get(config, key):
             node = node[part]
         except (KeyError, AttributeError):
             raise ConfigError(f"{key}: missing from the config") from None
-    return node
-
-
-def get_optional(config, key):
-    """``config[key]`` for a key of OPTIONAL_DEFAULTS, or its default when absent."""
-    node = config
-    for part in key.split("."):
-        if part not in node:
-            return OPTIONAL_DEFAULTS[key]
-        node = node[part]
     return node
 
 
@@ -127,7 +109,7 @@ def validate(config, num_devices: int) -> None:
         v = _get(config, key)
         _check(_is_int(v) and v >= 1, key, v, "must be an integer >= 1")
     _check(_is_int(t.seed), "train.seed", t.seed, "must be an integer")
-    epochs = t.get("epochs", 0)
+    epochs = get_optional(config, "train.epochs")
     _check(
         _is_num(epochs) and epochs >= 0,
         "train.epochs",
@@ -179,15 +161,15 @@ def validate(config, num_devices: int) -> None:
         f"must be one of {', '.join(optim.SCHEDULES)}",
     )
 
-    source = config.model.get("pretrained", "")
+    source = get_optional(config, "model.pretrained")
     _check(isinstance(source, str), "model.pretrained", source, "must be a path, 'smollm2' or ''")
     problem = pretrained.check_source(source)
     _check(problem is None, "model.pretrained", source, problem)
     _check(
-        config.model.dtype in ("float32", "bfloat16"),
+        config.model.dtype in dtypes.NAMES,
         "model.dtype",
         config.model.dtype,
-        "must be 'float32' or 'bfloat16'",
+        f"must be {' or '.join(map(repr, dtypes.NAMES))}",
     )
     remat = get_optional(config, "model.remat")
     _check(
@@ -195,10 +177,10 @@ def validate(config, num_devices: int) -> None:
     )
     ref_dtype = get_optional(config, "trust_region.ref_dtype")
     _check(
-        ref_dtype in ("float32", "bfloat16"),
+        ref_dtype in dtypes.NAMES,
         "trust_region.ref_dtype",
         ref_dtype,
-        "must be 'float32' or 'bfloat16'",
+        f"must be {' or '.join(map(repr, dtypes.NAMES))}",
     )
     accum = get_optional(config, "train.grad_accum_steps")
     _check(
@@ -232,7 +214,7 @@ def validate(config, num_devices: int) -> None:
         shape = sharding.mesh_shape(config.mesh, num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    rules = config.mesh.get("rules", ())
+    rules = get_optional(config, "mesh.rules")
     problem = sharding.check_rules(rules)
     _check(problem is None, "mesh.rules", rules, problem)
     dp = shape[0] * shape[1]
@@ -259,8 +241,6 @@ def _validate_data(config) -> None:
     _check(d.source in DATA_SOURCES, "data.source", d.source, f"must be one of {DATA_SOURCES}")
     if d.source == "synthetic":
         return
-    from tr_align.data import formats
-
     for key in ("path", "format", "split", "max_length", "max_prompt_length", "on_bad_row"):
         _get(config, f"data.{key}")
     path = d.path
@@ -287,15 +267,15 @@ def _validate_data(config) -> None:
     _check(
         d.on_bad_row in ("skip", "error"), "data.on_bad_row", d.on_bad_row, "must be skip or error"
     )
-    if not d.get("eval_split"):
-        f = d.get("eval_fraction", 0)
+    if not get_optional(config, "data.eval_split"):
+        f = get_optional(config, "data.eval_fraction")
         _check(
             _is_num(f) and 0 < f < 1,
             "data.eval_fraction",
             f,
             "must be in (0, 1) when data.eval_split is empty",
         )
-    buckets = tuple(d.get("buckets", ()) or ())
+    buckets = tuple(get_optional(config, "data.buckets") or ())
     _check(
         all(_is_int(b) and b >= 2 for b in buckets)
         and (not buckets or max(buckets) >= d.max_length),
@@ -303,7 +283,7 @@ def _validate_data(config) -> None:
         buckets,
         f"must be integers >= 2 whose largest is >= data.max_length={d.max_length} (or empty)",
     )
-    gw = d.get("group_window", 0)
+    gw = get_optional(config, "data.group_window")
     _check(_is_int(gw) and gw >= 0, "data.group_window", gw, "must be an integer >= 0")
     if d.format in formats.UNPAIRED_FORMATS:
         _check(

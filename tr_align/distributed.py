@@ -26,6 +26,8 @@ import os
 
 import jax
 
+from tr_align.errors import DistributedSetupError
+
 ENV_KEYS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
@@ -33,7 +35,7 @@ def _int_env(env, key) -> int:
     try:
         return int(env[key])
     except ValueError:
-        raise ValueError(f"{key}={env[key]!r}: must be an integer") from None
+        raise DistributedSetupError(f"{key}={env[key]!r}: must be an integer") from None
 
 
 def _on_tpu_vm() -> bool:
@@ -53,10 +55,12 @@ def plan(env=None) -> dict | None:
     if given:
         missing = [k for k in ENV_KEYS if k not in given]
         if missing:
-            raise ValueError(f"{', '.join(given)} set but {', '.join(missing)} missing")
+            raise DistributedSetupError(f"{', '.join(given)} set but {', '.join(missing)} missing")
         n, pid = _int_env(env, "JAX_NUM_PROCESSES"), _int_env(env, "JAX_PROCESS_ID")
         if not 0 <= pid < n:
-            raise ValueError(f"JAX_PROCESS_ID={pid}: must be in [0, JAX_NUM_PROCESSES={n})")
+            raise DistributedSetupError(
+                f"JAX_PROCESS_ID={pid}: must be in [0, JAX_NUM_PROCESSES={n})"
+            )
         if n == 1:
             return None
         return dict(

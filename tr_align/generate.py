@@ -10,17 +10,60 @@ Sampling: ``temperature == 0`` is greedy (argmax); otherwise logits are divided 
 the temperature, restricted to the ``top_k`` largest (0 = all) and to the smallest
 set whose probability reaches ``top_p`` (1 = all), then sampled with the seed.
 After a row emits ``eos_id`` it emits ``pad_id``; decoding stops early once every
-row is done.
+row is done. The settings of one decoding call are a ``SamplingSettings``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tr_align import hf
+from tr_align.errors import ConfigError
+from tr_align.io import pretrained
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """How to decode: ``max_new_tokens`` per prompt; ``temperature`` 0 = greedy, else
+    sampling restricted to the ``top_k`` most likely tokens (0 = all) and the ``top_p``
+    nucleus (1 = all), seeded by ``seed``. Out-of-range values are a ``ConfigError``
+    naming the setting."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        problems = [
+            f"{name}={value!r}: {rule}"
+            for name, value, ok, rule in (
+                ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "must be >= 1"),
+                ("temperature", self.temperature, self.temperature >= 0, "must be >= 0"),
+                ("top_k", self.top_k, self.top_k >= 0, "must be >= 0 (0 = all)"),
+                ("top_p", self.top_p, 0 < self.top_p <= 1, "must be in (0, 1] (1 = all)"),
+            )
+            if not ok
+        ]
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def from_the_model(self) -> bool:
+        """Samples follow the model's own distribution (temperature 1, no top-k / top-p
+        truncation): what an unbiased Monte-Carlo KL estimate needs."""
+        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
+
+    def with_overrides(self, **overrides) -> SamplingSettings:
+        """These settings with some fields replaced (``max_new_tokens=8``); no overrides: self."""
+        return dataclasses.replace(self, **overrides) if overrides else self
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
@@ -67,7 +110,7 @@ def sample_logits(logits_BV, rng, *, temperature: float, top_k: int, top_p: floa
         "pad_id",
     ),
 )
-def _generate(
+def decode_loop(
     params,
     ids_BP,
     mask_BP,
@@ -82,6 +125,10 @@ def _generate(
     eos_id,
     pad_id,
 ):
+    """The jitted decoding loop on left-padded prompts (``left_pad``): one prefill, then one
+    token per step until ``max_new_tokens`` or every row is done. Returns (tokens
+    [B, max_new_tokens] int32, lengths [B]) as device arrays. ``generate`` is the friendly
+    entry point; this one lets a caller fix the padded width and the PRNG key itself."""
     b, p = ids_BP.shape
     cache = init_cache(b, p + max_new_tokens)
     kv_mask = jnp.zeros((b, p + max_new_tokens), jnp.int32).at[:, :p].set(mask_BP)
@@ -127,14 +174,11 @@ def generate(
     init_cache: Callable,
     params,
     prompts,
+    sampling: SamplingSettings | None = None,
     *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     eos_id: int | None = None,
     pad_id: int = 0,
-    seed: int = 0,
+    **overrides,
 ):
     """Continues each prompt (a list of token ids).
 
@@ -143,30 +187,28 @@ def generate(
       init_cache: ``(batch, length) -> cache``.
       params: model parameters.
       prompts: token-id lists (any lengths; left-padded internally).
+      sampling: the decoding settings (default ``SamplingSettings()``: greedy, 64 tokens).
+      **overrides: fields of ``SamplingSettings`` replacing those of ``sampling``, e.g.
+        ``max_new_tokens=16, temperature=1.0`` (as ``transformers``' ``generate(**kwargs)``
+        overrides its generation config).
 
     Returns:
       (tokens [B, max_new_tokens] int32 numpy, lengths [B]): new tokens per row, padded
       with ``pad_id`` after EOS; ``lengths`` counts tokens up to and including EOS.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(
-            f"temperature={temperature} (>= 0), top_p={top_p} (in (0, 1]), "
-            f"top_k={top_k} (>= 0): out of range"
-        )
+    s = (sampling or SamplingSettings()).with_overrides(**overrides)
     ids, mask = left_pad(prompts, pad_id)
-    tokens, lengths = _generate(
+    tokens, lengths = decode_loop(
         params,
         jnp.asarray(ids),
         jnp.asarray(mask),
-        jax.random.PRNGKey(seed),
+        jax.random.PRNGKey(s.seed),
         decode_fn=decode_fn,
         init_cache=init_cache,
-        max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
-        top_k=int(top_k),
-        top_p=float(top_p),
+        max_new_tokens=int(s.max_new_tokens),
+        temperature=float(s.temperature),
+        top_k=int(s.top_k),
+        top_p=float(s.top_p),
         eos_id=eos_id,
         pad_id=pad_id,
     )
@@ -176,20 +218,15 @@ def generate(
 def complete(
     source: str,
     prompts: Sequence[str],
+    sampling: SamplingSettings | None = None,
     *,
     chat: bool = False,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    **overrides,
 ):
     """Text in, text out: loads ``source`` (see ``tr_align.io.pretrained``) and its tokenizer,
-    encodes each prompt (as a user turn with the chat template when ``chat``), generates,
-    and decodes the new tokens up to EOS."""
-    from tr_align import hf
-    from tr_align.io import pretrained
-
+    encodes each prompt (as a user turn with the chat template when ``chat``), generates
+    with ``sampling`` (and ``overrides``, as in ``generate``), and decodes the new tokens up
+    to EOS."""
     config, _, _, params = pretrained.load({"pretrained": source, "dtype": "float32"})
     decode_fn, init_cache = hf.decode_fns(config)
     tokenizer = pretrained.load_tokenizer(source)
@@ -209,12 +246,9 @@ def complete(
         init_cache,
         params,
         ids,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
+        sampling,
         eos_id=tokenizer.eos_token_id,
         pad_id=pad_id,
-        seed=seed,
+        **overrides,
     )
     return [tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(tokens, lengths)]

@@ -25,6 +25,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from tr_align.dtypes import DTYPES
+
 # model_type -> module implementing it.
 ARCHITECTURES = {
     "llama": "tr_align.models.llama",
@@ -32,9 +34,21 @@ ARCHITECTURES = {
     "qwen2": "tr_align.models.llama",
     "gpt_neox": "tr_align.models.gpt_neox",
 }
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# The files a Hugging Face tokenizer is saved as (any subset, by tokenizer type), and the
+# generation defaults file that sits beside the weights.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def _module_for_type(model_type, where: str):

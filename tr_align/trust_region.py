@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tr_align.errors import ConfigError
+
 # Named settings of the ``trust_region`` config block. The soft and hard values
 # are the paper's (soft: alpha 0.5-0.8 with tau 1; hard: tau 32-512).
 PRESETS = {
@@ -56,11 +58,11 @@ PRESETS = {
 
 
 def validate(alpha, tau) -> None:
-    """Raises ValueError unless 0 <= alpha <= 1 and tau is an integer >= 1."""
+    """Raises ConfigError (a ValueError) unless 0 <= alpha <= 1 and tau is an integer >= 1."""
     if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"trust_region.alpha={alpha!r} must be in [0, 1]")
+        raise ConfigError(f"trust_region.alpha={alpha!r} must be in [0, 1]")
     if int(tau) != tau or tau < 1:
-        raise ValueError(f"trust_region.tau={tau!r} must be an integer >= 1")
+        raise ConfigError(f"trust_region.tau={tau!r} must be an integer >= 1")
 
 
 def update_reference(ref_params, policy_params, step, *, alpha: float, tau: int):

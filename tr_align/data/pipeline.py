@@ -19,10 +19,11 @@ from collections import Counter
 
 import numpy as np
 
+from tr_align import defaults
+from tr_align.config import UNPAIRED_LOSSES
 from tr_align.data import batching, formats, sources, synthetic, tokenize
-from tr_align.data.sources import DataError
-
-UNPAIRED_LOSSES = ("kto",)
+from tr_align.errors import ConfigError, DataError
+from tr_align.io import pretrained
 
 # data.chat_template names. "hh" renders chat turns as Anthropic HH's raw text, for base models
 # without a template (Pythia in the paper): "\n\nHuman: ...\n\nAssistant: ...".
@@ -41,17 +42,14 @@ CHAT_TEMPLATES = {
 def load_tokenizer(config):
     """The tokenizer of ``data.tokenizer`` (default: ``model.pretrained``'s), with
     ``data.chat_template`` (a name in CHAT_TEMPLATES or a Jinja string) replacing its template."""
-    from tr_align.config import ConfigError
-    from tr_align.io import pretrained
-
-    source = config.data.get("tokenizer") or config.model.get("pretrained", "")
+    source = defaults.get(config, "data.tokenizer") or defaults.get(config, "model.pretrained")
     if not source:
         raise ConfigError(
             "data.tokenizer='': a model trained from scratch needs data.tokenizer (a Hugging "
             "Face tokenizer directory or hub id, a .gguf file or 'smollm2') to tokenize real data"
         )
     tokenizer = pretrained.load_tokenizer(source)  # hub ids: AutoTokenizer fetches them itself
-    template = config.data.get("chat_template", "")
+    template = defaults.get(config, "data.chat_template")
     if template:
         tokenizer.chat_template = CHAT_TEMPLATES.get(template, template)
     return tokenizer
@@ -154,14 +152,14 @@ def load(config, tokenizer, *, progress: bool = True) -> Data:
     """Builds the train/eval ``Data`` of ``config.data`` (``source != 'synthetic'``)."""
     cfg = config.data
     fields = None  # field names apply to the generic formats only
-    if cfg.format in ("generic", "kto") and cfg.get("fields"):
+    if cfg.format in ("generic", "kto") and defaults.get(config, "data.fields"):
         fields = dict(cfg.fields)
     unpaired = config.loss.type in UNPAIRED_LOSSES
     counts = {"train": Counter(), "eval": Counter()}
 
     def read(split, which):
         records = sources.load_records(
-            cfg.source, cfg.path, split, data_dir=cfg.get("data_dir") or None
+            cfg.source, cfg.path, split, data_dir=defaults.get(config, "data.data_dir") or None
         )
         pairs = _convert(records, cfg.format, fields, cfg.on_bad_row, counts[which])
         if not pairs:
@@ -214,7 +212,9 @@ def load(config, tokenizer, *, progress: bool = True) -> Data:
         "tokenization": train_stats,
         "buckets": list(buckets),
         "epochs": round(
-            float(config.train.get("epochs", 0) or 0) or config.train.steps * batch / len(train), 2
+            float(defaults.get(config, "train.epochs") or 0)
+            or config.train.steps * batch / len(train),
+            2,
         ),
         "padding_efficiency": {
             "one_bucket": round(

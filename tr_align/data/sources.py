@@ -34,12 +34,10 @@ import os
 
 import numpy as np
 
+from tr_align.errors import DataError
+
 SOURCES = ("files", "hub", "tfds")
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """Unreadable input; the message names the file and line (or the dataset and split)."""
 
 
 def load_records(

@@ -3,7 +3,8 @@
 For a policy pi, its SFT (starting) model pi_sft and a set of prompts x:
 
 * **Completions** y ~ pi(. | x): ``samples_per_prompt`` per prompt, KV-cache sampling
-  (``tr_align.generate``), up to ``max_new_tokens`` tokens or EOS.
+  (``tr_align.generate``, settings in a ``generate.SamplingSettings``), up to
+  ``max_new_tokens`` tokens or EOS.
 * **Sequence-level KL**, estimated from the same samples (Monte Carlo; unbiased when they are
   drawn from pi itself, i.e. temperature 1, top_k 0, top_p 1)::
 
@@ -19,7 +20,8 @@ For a policy pi, its SFT (starting) model pi_sft and a set of prompts x:
   through a ``tr_align.experiments.scorers`` judge, with both sides' mean lengths beside it.
 
 Policies are HF model directories, .gguf files, ``smollm2`` or tr-align run directories
-(``WORKDIR`` = its newest checkpoint, ``WORKDIR@STEP`` = that step). Prompts come from a JSON /
+(``WORKDIR`` = its newest checkpoint, ``WORKDIR@STEP`` = that step), loaded by
+``tr_align.experiments.policy``. Prompts come from a JSON /
 JSONL file (records with a ``prompt`` string or chat-message list, or bare strings) or from a
 training config's held-out split. Results: ``eval.json``, ``eval.md`` (a markdown table, one
 row per policy) and ``completions.jsonl`` in the output directory.
@@ -28,7 +30,6 @@ row per policy) and ``completions.jsonl`` in the output directory.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from collections.abc import Sequence
@@ -38,131 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tr_align import generate, hf, losses
+from tr_align import defaults, generate
+from tr_align.errors import ConfigError, DataError
 from tr_align.experiments import scorers as scorers_lib
+from tr_align.experiments.policy import Model, completion_logps, completion_text, load_policy
 from tr_align.io import pretrained
-
-MODEL_CONFIG_FILE = "model_config.json"  # as tr_align.training.loop writes it
-
-
-# ----------------------------------------------------------------------------- models
-
-
-@dataclasses.dataclass
-class Model:
-    """A loaded causal LM: parameters, compiled functions and (optionally) its tokenizer."""
-
-    name: str
-    config: Any
-    params: Any
-    apply_fn: Any  # jitted (params, ids [B, T], mask [B, T]) -> logits [B, T, V]
-    decode_fn: Any
-    init_cache: Any
-    tokenizer: Any = None
-    start_source: str = ""  # a run directory's starting model (its SFT model), else ""
-    step: int | None = None  # a run directory's checkpoint step
-
-
-_FNS: dict[str, tuple] = {}
-
-
-def model_fns(config):
-    """(jitted apply_fn, decode_fn, init_cache), one set per distinct model config, so models
-    of one architecture share compiled code (generation and scoring compile once)."""
-    key = repr(config)
-    if key not in _FNS:
-        _, apply_fn = hf.model_fns(config)
-        decode_fn, init_cache = hf.decode_fns(config)
-        _FNS[key] = (jax.jit(apply_fn), decode_fn, init_cache)
-    return _FNS[key]
-
-
-def is_run_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)) and os.path.isdir(
-        os.path.join(path, "checkpoints")
-    )
-
-
-def split_step(source: str) -> tuple[str, int | None]:
-    """``"runs/x@100"`` -> ``("runs/x", 100)``; other sources -> ``(source, None)``."""
-    base, sep, step = source.rpartition("@")
-    if sep and step.isdigit() and is_run_dir(base):
-        return base, int(step)
-    return source, None
-
-
-def run_config(workdir: str) -> dict:
-    """The config (as a dict) a run directory was trained with."""
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def restore_run_params(workdir: str, *, step: int | None = None, which: str = "policy"):
-    """``(params, step)`` of a run's checkpoint (newest when ``step`` is None);
-    ``which``: "policy" or "reference"."""
-    import orbax.checkpoint as ocp
-
-    from tr_align.training import checkpoint
-
-    mngr = checkpoint.manager(workdir, max_to_keep=1_000_000)
-    steps = list(mngr.all_steps())
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in steps:
-        raise FileNotFoundError(
-            f"{workdir}/checkpoints: no checkpoint{'' if step is None else f' at step {step}'} "
-            f"(available: {steps})"
-        )
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    mngr.close()
-    params = state["params" if which == "policy" else "ref_params"]
-    return jax.tree.map(jnp.asarray, params), step
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-@functools.lru_cache(maxsize=8)
-def _tokenizer_or_none(source: str):
-    if os.path.isdir(source) and not any(
-        os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES
-    ):
-        return None
-    try:
-        return pretrained.load_tokenizer(source)
-    except (OSError, ValueError):
-        return None
-
-
-def load_policy(source: str, *, step: int | None = None, which: str = "policy") -> Model:
-    """A model from an HF directory, a .gguf file, ``smollm2`` or a run directory
-    (``DIR`` or ``DIR@STEP``), in float32."""
-    source, at = split_step(source)
-    step = at if step is None else step
-    if is_run_dir(source):
-        with open(os.path.join(source, MODEL_CONFIG_FILE), encoding="utf-8") as f:
-            config = hf.config_from_hf(json.load(f), MODEL_CONFIG_FILE)
-        params, step = restore_run_params(source, step=step, which=which)
-        cfg = run_config(source)
-        start = cfg["model"].get("pretrained", "")
-        tok_source = cfg.get("data", {}).get("tokenizer") or start
-        tokenizer = _tokenizer_or_none(tok_source) if tok_source else None
-        name = f"{source}@{step}"
-    else:
-        if not source or pretrained.check_source(source):
-            raise FileNotFoundError(
-                f"{source!r}: not a model (expected a Hugging Face model directory, a .gguf "
-                f"file, 'smollm2' or a tr-align run directory)"
-            )
-        config, _, _, params = pretrained.load({"pretrained": source, "dtype": "float32"})
-        tokenizer, start, name = _tokenizer_or_none(source), "", source
-    apply_fn, decode_fn, init_cache = model_fns(config)
-    return Model(name, config, params, apply_fn, decode_fn, init_cache, tokenizer, start, step)
-
-
-def with_params(model: Model, params, name: str) -> Model:
-    """The same architecture and tokenizer with other parameters (e.g. a later checkpoint)."""
-    return dataclasses.replace(model, params=params, name=name)
-
+from tr_align.training import loop
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -196,7 +78,7 @@ def encode_prompts(prompts: Sequence, tokenizer, *, chat: bool = False) -> list[
             ids = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True)
             ids = ids["input_ids"] if hasattr(ids, "keys") else ids
         if not len(ids):
-            raise ValueError(f"prompt {p!r} has no tokens")
+            raise DataError(f"prompt {p!r} has no tokens")
         out.append(Prompt(_prompt_text(p), tuple(int(t) for t in ids)))
     return out
 
@@ -209,9 +91,9 @@ def read_records(path: str) -> list:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of records")
+            raise DataError(f"{path}: expected a JSON list of records")
         return records
     records = []
     for i, line in enumerate(text.splitlines(), 1):
@@ -219,7 +101,7 @@ def read_records(path: str) -> list:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: invalid JSON: {e.msg}") from None
+                raise DataError(f"{path}:{i}: invalid JSON: {e.msg}") from None
     return records
 
 
@@ -236,13 +118,13 @@ def read_prompts(path: str) -> list:
             )
         )
         if not ok:
-            raise ValueError(
+            raise DataError(
                 f"{path}: record {i}: expected a prompt string or a 'prompt' field (a string or "
                 "a list of {role, content} messages)"
             )
         out.append(p)
     if not out:
-        raise ValueError(f"{path}: no prompts")
+        raise DataError(f"{path}: no prompts")
     return out
 
 
@@ -253,7 +135,7 @@ def read_completions(path: str) -> list[str]:
     for i, r in enumerate(read_records(path), 1):
         c = r.get("completion") if isinstance(r, dict) else None
         if not isinstance(c, str):
-            raise ValueError(f"{path}: record {i}: expected a 'completion' string")
+            raise DataError(f"{path}: record {i}: expected a 'completion' string")
         out.append(c)
     return out
 
@@ -261,14 +143,12 @@ def read_completions(path: str) -> list[str]:
 def config_prompts(config) -> tuple[list[Prompt], Any]:
     """The held-out prompts of a training config's data (exactly the run's eval split),
     and the tokenizer (None for the synthetic task)."""
-    from tr_align.training import loop
-
     model_config, _, _, _ = pretrained.load(config.model)
     data = loop.load_data(config, model_config, progress=False)
     tokenizer = None
     if config.data.source != "synthetic":
         tokenizer = pretrained.load_tokenizer(
-            config.data.tokenizer or config.model.get("pretrained", "")
+            defaults.get(config, "data.tokenizer") or defaults.get(config, "model.pretrained")
         )
     prompts = []
     for i in range(len(data.eval.prompt)):
@@ -297,29 +177,27 @@ def _chunk_seed(seed: int, i: int) -> int:
     return int(np.random.SeedSequence([seed, i]).generate_state(1)[0] >> 1)
 
 
+# eval samples from the policy itself (temperature 1): the KL estimate is unbiased
+EVAL_SAMPLING = generate.SamplingSettings(max_new_tokens=64, temperature=1.0)
+
+
 def sample(
     model: Model,
     prompts: Sequence[Prompt],
+    sampling: generate.SamplingSettings = EVAL_SAMPLING,
     *,
     samples_per_prompt: int = 1,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
     batch_size: int = 32,
+    **overrides,
 ) -> list[list[int]]:
     """Completion token ids (EOS kept, nothing after it), prompt-major:
-    ``[p0 s0, p0 s1, ..., p1 s0, ...]``. Batches are padded to ``batch_size`` rows and every
-    prompt is left-padded to one width, so all batches share one compiled program."""
+    ``[p0 s0, p0 s1, ..., p1 s0, ...]``. ``overrides``: fields of ``sampling`` to replace
+    (``max_new_tokens=8``). Batches are padded to ``batch_size`` rows and every prompt is
+    left-padded to one width, so all batches share one compiled program."""
+    s = sampling.with_overrides(**overrides)
     tok = model.tokenizer
     eos = tok.eos_token_id if tok is not None else None
     pad = (tok.pad_token_id if tok.pad_token_id is not None else 0) if tok is not None else 0
-    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} (>= 1), temperature={temperature} (>= 0), "
-            f"top_p={top_p} (in (0, 1]), top_k={top_k} (>= 0): out of range"
-        )
     rows = [list(p.ids) for p in prompts for _ in range(samples_per_prompt)]
     width = -(-max(len(r) for r in rows) // 8) * 8
     out = []
@@ -333,54 +211,22 @@ def sample(
         extra = width - ids.shape[1]
         ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad)
         mask = np.pad(mask, ((0, 0), (extra, 0)))
-        tokens, lengths = generate._generate(
+        tokens, lengths = generate.decode_loop(
             model.params,
             jnp.asarray(ids),
             jnp.asarray(mask),
-            jax.random.PRNGKey(_chunk_seed(seed, i)),
+            jax.random.PRNGKey(_chunk_seed(s.seed, i)),
             decode_fn=model.decode_fn,
             init_cache=model.init_cache,
-            max_new_tokens=int(max_new_tokens),
-            temperature=float(temperature),
-            top_k=int(top_k),
-            top_p=float(top_p),
+            max_new_tokens=int(s.max_new_tokens),
+            temperature=float(s.temperature),
+            top_k=int(s.top_k),
+            top_p=float(s.top_p),
             eos_id=eos,
             pad_id=pad,
         )
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
         out += [tokens[r, : lengths[r]].tolist() for r in range(real)]
-    return out
-
-
-@functools.partial(jax.jit, static_argnames="apply_fn")
-def _row_logps(params, ids, attn, loss_mask, *, apply_fn):
-    logits = apply_fn(params, ids[:, :-1], attn[:, :-1])
-    return losses.sequence_logps(logits, ids[:, 1:], loss_mask[:, 1:])
-
-
-def completion_logps(
-    apply_fn, params, prompt_ids: Sequence, completion_ids: Sequence, *, batch_size: int = 32
-) -> np.ndarray:
-    """``log p(y | x) = sum_t log p(y_t | x, y_<t)`` [N] float32 for token-id lists x, y
-    (teacher forcing on right-padded ``x + y``; only the completion tokens are summed)."""
-    n = len(prompt_ids)
-    if n != len(completion_ids):
-        raise ValueError(f"{n} prompts but {len(completion_ids)} completions")
-    total = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-    width = -(-max(total) // 16) * 16  # few distinct shapes -> few compilations
-    out = np.zeros(n, np.float32)
-    for start in range(0, n, batch_size):
-        ids = np.zeros((batch_size, width), np.int32)
-        attn = np.zeros((batch_size, width), np.int32)
-        mask = np.zeros((batch_size, width), np.int32)
-        for r, i in enumerate(range(start, min(start + batch_size, n))):
-            p, c = list(prompt_ids[i]), list(completion_ids[i])
-            ids[r, : len(p) + len(c)] = p + c
-            attn[r, : len(p) + len(c)] = 1
-            mask[r, len(p) : len(p) + len(c)] = 1
-        logps = _row_logps(params, ids, attn, mask, apply_fn=apply_fn)
-        real = min(batch_size, n - start)
-        out[start : start + real] = np.asarray(logps)[:real]
     return out
 
 
@@ -400,18 +246,10 @@ def kl_estimate(policy_logps, sft_logps) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _decode(tokenizer, ids: list[int]) -> str:
-    if tokenizer is None:
-        return " ".join(map(str, ids))
-    eos = tokenizer.eos_token_id
-    if ids and ids[-1] == eos:
-        ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
 def evaluate_model(
     model: Model,
     prompts: Sequence[Prompt],
+    sampling: generate.SamplingSettings = EVAL_SAMPLING,
     *,
     sft: Model | None = None,
     scorers: dict | None = None,
@@ -419,30 +257,21 @@ def evaluate_model(
     baseline: Model | Sequence[str] | None = None,
     baseline_name: str = "",
     samples_per_prompt: int = 1,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
     batch_size: int = 32,
+    **overrides,
 ) -> tuple[dict, list[dict]]:
     """Evaluates one model on ``prompts``. Returns (results, per-sample rows).
 
+    ``sampling`` (with ``overrides`` of its fields): how completions are sampled.
     ``baseline``: a Model (sampled with the same settings and ``seed + 1``) or completion
     strings, ``len(prompts) * samples_per_prompt`` of them, prompt-major.
     """
-    gen = dict(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        batch_size=batch_size,
-        samples_per_prompt=samples_per_prompt,
-    )
-    comp_ids = sample(model, prompts, seed=seed, **gen)
+    sampling = sampling.with_overrides(**overrides)
+    gen = dict(batch_size=batch_size, samples_per_prompt=samples_per_prompt)
+    comp_ids = sample(model, prompts, sampling, **gen)
     x_ids = [p.ids for p in prompts for _ in range(samples_per_prompt)]
     x_text = [p.text for p in prompts for _ in range(samples_per_prompt)]
-    texts = [_decode(model.tokenizer, c) for c in comp_ids]
+    texts = [completion_text(model.tokenizer, c) for c in comp_ids]
     eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
     lengths = np.asarray([len(c) for c in comp_ids])
     res = {
@@ -459,7 +288,7 @@ def evaluate_model(
     ]
     if sft is not None:
         if sft.config.vocab_size != model.config.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"KL: {model.name} has vocab_size {model.config.vocab_size}, the SFT model "
                 f"{sft.name} {sft.config.vocab_size}; they must share a tokenizer"
             )
@@ -468,7 +297,7 @@ def evaluate_model(
         res["kl"] = {
             **kl_estimate(lp, lq),
             "sft": sft.name,
-            "unbiased": temperature == 1.0 and top_k == 0 and top_p == 1.0,
+            "unbiased": sampling.from_the_model,
         }
         for row, a, b in zip(rows, lp, lq):
             row.update(logp=float(a), sft_logp=float(b))
@@ -476,20 +305,20 @@ def evaluate_model(
     for name, scorer in (scorers or {}).items():
         s = np.asarray(scorer(x_text, texts), np.float64)
         if s.shape != (len(texts),):
-            raise ValueError(f"scorer {name}: returned shape {s.shape}, expected ({len(texts)},)")
+            raise ConfigError(f"scorer {name}: returned shape {s.shape}, expected ({len(texts)},)")
         res["scores"][name] = mean_stderr(s)
         for row, v in zip(rows, s):
             row.setdefault("scores", {})[name] = float(v)
     if judge is not None:
         if isinstance(baseline, Model):
-            b_ids = sample(baseline, prompts, seed=seed + 1, **gen)
-            b_texts = [_decode(baseline.tokenizer, c) for c in b_ids]
+            b_ids = sample(baseline, prompts, sampling, seed=sampling.seed + 1, **gen)
+            b_texts = [completion_text(baseline.tokenizer, c) for c in b_ids]
             baseline_name = baseline_name or baseline.name
         elif baseline is not None:
             b_texts = list(baseline)
         else:
-            raise ValueError("a judge needs baseline completions (a model or a file)")
-        wr = scorers_lib.win_rate(judge, x_text, texts, b_texts, seed=seed)
+            raise ConfigError("a judge needs baseline completions (a model or a file)")
+        wr = scorers_lib.win_rate(judge, x_text, texts, b_texts, seed=sampling.seed)
         res["win_rate"] = {"baseline": baseline_name, **wr}
         for row, b in zip(rows, b_texts):
             row["baseline"] = b
@@ -545,6 +374,7 @@ def write_results(out_dir: str, results: list[dict], rows: list[dict], settings:
 def run(
     policies: Sequence[str],
     out_dir: str,
+    sampling: generate.SamplingSettings = EVAL_SAMPLING,
     *,
     prompts_file: str = "",
     config=None,
@@ -555,36 +385,34 @@ def run(
     chat: bool = False,
     num_prompts: int = 0,
     samples_per_prompt: int = 1,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
     batch_size: int = 32,
+    **overrides,
 ) -> tuple[list[dict], str]:
     """The ``tr-align eval`` command: evaluates each policy, writes the outputs, returns
     (results, markdown table).
 
+    ``sampling`` (with ``overrides`` of its fields): how completions are sampled.
     ``sft``: the KL reference; None = each run directory's starting model
     (``model.pretrained`` of its config), "" = no KL. ``baseline``: a model or a JSON/JSONL
     file of completions for the judge; "" = the SFT model.
     """
+    sampling = sampling.with_overrides(**overrides)
     if not policies:
-        raise ValueError("--policy: give at least one model or run directory")
+        raise ConfigError("--policy: give at least one model or run directory")
     models = [load_policy(p) for p in policies]
     loaded: dict[str, Model] = {p: m for p, m in zip(policies, models) if m.step is None}
     if prompts_file:
         tokenizer = models[0].tokenizer
         if tokenizer is None:
-            raise ValueError(f"{models[0].name}: no tokenizer found to encode {prompts_file}")
+            raise ConfigError(f"{models[0].name}: no tokenizer found to encode {prompts_file}")
         prompts = encode_prompts(read_prompts(prompts_file), tokenizer, chat=chat)
     elif config is not None:
         prompts, _ = config_prompts(config)
     else:
-        raise ValueError("give --prompts=FILE (JSON/JSONL) or --config (its held-out prompts)")
+        raise ConfigError("give --prompts=FILE (JSON/JSONL) or --config (its held-out prompts)")
     if num_prompts:
         prompts = prompts[:num_prompts]
-    scorers = {s: scorers_lib.make_scorer(s) for s in scorer_specs}
+    scorers = {spec: scorers_lib.make_scorer(spec) for spec in scorer_specs}
     judge = scorers_lib.make_judge(judge_spec) if judge_spec else None
 
     def get(source):  # SFT / baseline models, loaded once (a policy given again is reused)
@@ -600,7 +428,7 @@ def run(
         if judge is not None:
             base_source = baseline or ref_source
             if not base_source:
-                raise ValueError("--judge needs --baseline (a model or completions file) or --sft")
+                raise ConfigError("--judge needs --baseline (a model or completions file) or --sft")
             if base_source.endswith((".json", ".jsonl")) and os.path.isfile(base_source):
                 base = read_completions(base_source)
             else:
@@ -608,17 +436,13 @@ def run(
         res, r = evaluate_model(
             model,
             prompts,
+            sampling,
             sft=ref,
             scorers=scorers,
             judge=judge,
             baseline=base,
             baseline_name=baseline or ref_source,
             samples_per_prompt=samples_per_prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
             batch_size=batch_size,
         )
         results.append(res)
@@ -627,11 +451,7 @@ def run(
         prompts=prompts_file or "config eval split",
         num_prompts=len(prompts),
         samples_per_prompt=samples_per_prompt,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
+        **dataclasses.asdict(sampling),
         scorers=list(scorer_specs),
         judge=judge_spec,
     )

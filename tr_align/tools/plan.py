@@ -37,7 +37,7 @@ import time
 import jax
 import numpy as np
 
-from tr_align import hf, sharding
+from tr_align import defaults, hf, sharding
 from tr_align.config import ConfigError, get_optional
 from tr_align.models import LlamaConfig, count_params
 from tr_align.training import build as build_lib
@@ -178,8 +178,8 @@ def model_config_from(config, model_path: str | None):
     """The model to plan for: ``model_path`` (a config.json file or an HF model directory),
     else the config's ``model`` block (from scratch sizes, or a pretrained directory's
     config.json). Compute dtype is ``config.model.dtype``; weights are never read."""
-    dtype = config.model.get("dtype", "float32")
-    source = model_path or config.model.get("pretrained", "")
+    dtype = defaults.get(config, "model.dtype")
+    source = model_path or defaults.get(config, "model.pretrained")
     if not source:
         fields = {k: v for k, v in config.model.items() if k != "pretrained"}
         try:
@@ -256,7 +256,7 @@ def plan(
     if seq_len < 2:
         raise ConfigError(f"--seq_len={seq_len}: must be >= 2")
 
-    rules = sharding.make_rules(config.mesh.get("rules", ()))
+    rules = sharding.make_rules(defaults.get(config, "mesh.rules"))
     program = build_lib.build_program(
         config, model_config, mesh=mesh, rules=rules, total_steps=int(config.train.steps)
     )

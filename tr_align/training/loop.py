@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -27,15 +26,14 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from tr_align import config as config_lib
-from tr_align import hf, sharding
+from tr_align import defaults, errors, hf, sharding
 from tr_align.data import batching, loader, packing, pipeline
 from tr_align.io import pretrained
+from tr_align.io.rundir import SUMMARY_PLOT, RunDir
 from tr_align.models import count_params
 from tr_align.training import build as build_lib
 from tr_align.training import checkpoint, plotting
 from tr_align.training.metrics import MetricWriter
-
-MODEL_CONFIG_FILE = "model_config.json"  # the policy's Hugging Face config.json, for export
 
 
 class _StopRequest:
@@ -64,7 +62,7 @@ class _StopRequest:
 def _check_finite(step, metrics, last_ckpt):
     bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(metrics[k]))]
     if bad:
-        raise FloatingPointError(
+        raise errors.NonFiniteError(
             f"{' and '.join(bad)} became non-finite at step {step}; the run stopped without "
             f"saving. The last good checkpoint is step {last_ckpt} (lower optimizer.learning_rate "
             f"or loss.beta and rerun to resume from it)."
@@ -142,7 +140,7 @@ class Built:
 def num_steps(train_cfg, num_examples: int) -> int:
     """``train.steps``, or with ``train.epochs > 0`` the steps that cover that many epochs of
     ``num_examples`` at ``train.batch_size`` (at least 1)."""
-    epochs = float(train_cfg.get("epochs", 0) or 0)
+    epochs = float(defaults.get_in_block(train_cfg, "train.epochs") or 0)
     if epochs <= 0:
         return int(train_cfg.steps)
     return max(1, int(epochs * num_examples) // int(train_cfg.batch_size))
@@ -154,7 +152,7 @@ def load_data(config, model_config, *, progress: bool = True) -> pipeline.Data:
         config, vocab_size=model_config.vocab_size, progress=progress
     )
     if tokenizer is not None and len(tokenizer) > model_config.vocab_size:
-        source = config.data.get("tokenizer") or config.model.get("pretrained", "")
+        source = defaults.get(config, "data.tokenizer") or defaults.get(config, "model.pretrained")
         raise config_lib.ConfigError(
             f"data.tokenizer={source!r}: its {len(tokenizer)} tokens exceed the model's "
             f"vocab_size={model_config.vocab_size}"
@@ -167,7 +165,7 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
     devices = jax.devices() if devices is None else list(devices)
     config_lib.validate(config, len(devices))
     mesh = sharding.make_mesh(config.mesh, devices)
-    rules = sharding.make_rules(config.mesh.get("rules", ()))
+    rules = sharding.make_rules(defaults.get(config, "mesh.rules"))
 
     def param_shardings(model_config, abstract_params):
         specs, _ = sharding.param_specs(
@@ -223,14 +221,12 @@ def run(
     mesh = built.mesh
     data = built.data
     os.makedirs(workdir, exist_ok=True)
+    run_dir = RunDir(workdir)
     if is_main:
         print(pipeline.describe(data.report), flush=True)
-        with open(os.path.join(workdir, "data.json"), "w", encoding="utf-8") as f:
-            json.dump(data.report, f, indent=2)
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json(indent=2))
-        with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(hf.config_to_hf(built.model_config), f, indent=2)
+        run_dir.write_data_report(data.report)
+        run_dir.write_config(config)
+        run_dir.write_model_config(built.model_config)
 
     total = built.steps
     data_it = loader.train_iterator(
@@ -239,7 +235,9 @@ def run(
         seed=config.train.seed,
         buckets=data.buckets,
         pad_id=data.pad_id,
-        group_window=config.data.group_window if config.data.get("group_by_length") else 0,
+        group_window=config.data.group_window
+        if defaults.get(config, "data.group_by_length")
+        else 0,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         **built.program.loader_kwargs(),
@@ -363,10 +361,9 @@ def run(
     }
     if is_main:
         plotting.summary_plot(
-            writer.path, os.path.join(workdir, "summary.png"), title=f"{config.loss.type}, {mode}"
+            writer.path, run_dir.file(SUMMARY_PLOT), title=f"{config.loss.type}, {mode}"
         )
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        run_dir.write_summary(summary)
         _print_summary(summary, workdir, interrupted=done < total)
     return summary
 

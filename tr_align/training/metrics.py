@@ -13,6 +13,9 @@ import os
 
 import numpy as np
 
+METRICS_FILE = "metrics.jsonl"  # under the run directory (tr_align.io.rundir lists them all)
+TB_DIR = "tb"
+
 
 def read_jsonl(path: str) -> list[dict]:
     if not os.path.exists(path):
@@ -31,7 +34,7 @@ class MetricWriter:
 
     def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
         if not enabled:
             return
@@ -42,7 +45,7 @@ class MetricWriter:
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(
-            os.path.join(workdir, "tb"), purge_step=resume_step + 1 if resume_step else None
+            os.path.join(workdir, TB_DIR), purge_step=resume_step + 1 if resume_step else None
         )
 
     def write(self, step: int, metrics: dict) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tr_align import losses
+from tr_align import defaults, losses
 from tr_align.config import SFT_LOSSES, UNPAIRED_LOSSES
 
 Stats = dict[str, tuple[jax.Array, jax.Array]]  # name -> (sum, count)
@@ -271,8 +271,8 @@ def from_config(loss_cfg) -> Objective:
     if kind in UNPAIRED_LOSSES:
         return KTO(
             beta=beta,
-            desirable_weight=float(loss_cfg.get("desirable_weight", 1.0)),
-            undesirable_weight=float(loss_cfg.get("undesirable_weight", 1.0)),
+            desirable_weight=float(defaults.get_in_block(loss_cfg, "loss.desirable_weight")),
+            undesirable_weight=float(defaults.get_in_block(loss_cfg, "loss.undesirable_weight")),
         )
     return Paired(
         loss_type=kind,

@@ -1,0 +1,156 @@
+"""A run directory (``--workdir`` of ``tr-align train``): its files, read and written here.
+
+::
+
+    WORKDIR/
+      config.json          the run's full config (written before the first step)
+      model_config.json    the policy's Hugging Face config.json (export, eval)
+      data.json            the data report (sizes, bad rows, lengths, padding)
+      metrics.jsonl        one JSON record per logged step (tr_align.training.metrics)
+      tb/                  TensorBoard events (tr_align.training.metrics)
+      summary.json         step, total_steps, wall time, last train / eval metrics (at the end)
+      summary.png          the metrics plotted (tr_align.training.plotting)
+      checkpoints/STEP/    orbax checkpoints of the train state (tr_align.training.checkpoint)
+
+``RunDir(path)`` reads them (``config()``, ``model_config()``, ``summary()``,
+``checkpoint_steps()``, ``restore_params(which, step)``) and writes the first four JSON files
+for the training loop; every missing file or checkpoint is a one-line ``RunDirError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tr_align import defaults, hf
+from tr_align.errors import ConfigError, RunDirError
+from tr_align.training import checkpoint, metrics
+
+CONFIG_FILE = "config.json"
+MODEL_CONFIG_FILE = "model_config.json"
+DATA_FILE = "data.json"
+SUMMARY_FILE = "summary.json"
+SUMMARY_PLOT = "summary.png"
+METRICS_FILE = metrics.METRICS_FILE
+TB_DIR = metrics.TB_DIR
+CHECKPOINT_DIR = checkpoint.CHECKPOINT_DIR
+
+# which= of restore_params / tr-align export -> the field of the train state
+STATE_FIELDS = {"policy": "params", "reference": "ref_params"}
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like a run directory: a model config and a checkpoints folder."""
+    return os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)) and os.path.isdir(
+        os.path.join(path, CHECKPOINT_DIR)
+    )
+
+
+class RunDir:
+    """The files of one run directory (module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.path!r})"
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def _read_json(self, name: str):
+        path = self.file(name)
+        if not os.path.isfile(path):
+            raise RunDirError(f"{path}: not found; is {self.path} a tr-align run directory?")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def _write_json(self, name: str, value) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        with open(self.file(name), "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=2)
+
+    # ------------------------------------------------------------------------- reading
+
+    def config(self) -> dict:
+        """The config the run was trained with, as a dict."""
+        return self._read_json(CONFIG_FILE)
+
+    def model_config(self):
+        """The policy's model config (``LlamaConfig`` / ``GPTNeoXConfig``)."""
+        return hf.config_from_hf(self._read_json(MODEL_CONFIG_FILE), self.file(MODEL_CONFIG_FILE))
+
+    def data_report(self) -> dict:
+        return self._read_json(DATA_FILE)
+
+    def metrics(self) -> list[dict]:
+        """The records of ``metrics.jsonl`` (``[]`` before the first logged step)."""
+        return metrics.read_jsonl(self.file(METRICS_FILE))
+
+    def summary(self) -> dict | None:
+        """``summary.json``, or None while the run has not ended (or never started)."""
+        if not os.path.isfile(self.file(SUMMARY_FILE)):
+            return None
+        return self._read_json(SUMMARY_FILE)
+
+    def finished(self) -> bool:
+        """Whether the run ended at its last step (not stopped early)."""
+        s = self.summary()
+        return s is not None and s["step"] >= s["total_steps"]
+
+    def starting_model(self) -> str:
+        """``model.pretrained`` of the run's config: its starting (SFT) model; "" = scratch."""
+        return defaults.get(self.config(), "model.pretrained")
+
+    def tokenizer_source(self) -> str:
+        """Where the run's tokenizer comes from (``data.tokenizer``, else the starting model);
+        "" for a run without one (the synthetic task)."""
+        cfg = self.config()
+        return defaults.get(cfg, "data.tokenizer") or defaults.get(cfg, "model.pretrained")
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the finished checkpoints, oldest first."""
+        return checkpoint.saved_steps(self.path)
+
+    def latest_step(self) -> int | None:
+        steps = self.checkpoint_steps()
+        return steps[-1] if steps else None
+
+    def restore_params(self, which: str = "policy", step: int | None = None):
+        """``(params, step)``: the ``which`` ("policy" | "reference") parameters of the
+        checkpoint at ``step`` (None = the newest) as host numpy arrays, whatever mesh or
+        hosts saved them."""
+        if which not in STATE_FIELDS:
+            raise ConfigError(f"which={which!r}: expected 'policy' or 'reference'")
+        steps = self.checkpoint_steps()
+        if step is None and steps:
+            step = steps[-1]
+        if step is None or step not in steps:
+            raise RunDirError(
+                f"{self.file(CHECKPOINT_DIR)}: no checkpoint"
+                f"{'' if step is None else f' at step {step}'} (available: {steps})"
+            )
+        params = checkpoint.restore_host(self.path, step, STATE_FIELDS[which])
+        if params is None:
+            raise RunDirError(
+                f"{self.path}@{step}: the run holds no {which} parameters (a run without a "
+                "reference, e.g. loss.type='sft', saves only the policy)"
+            )
+        return params, step
+
+    # ------------------------------------------------------------------------- writing
+
+    def write_config(self, config) -> None:
+        """``config.json`` of an ml_collections config."""
+        os.makedirs(self.path, exist_ok=True)
+        with open(self.file(CONFIG_FILE), "w", encoding="utf-8") as f:
+            f.write(config.to_json(indent=2))
+
+    def write_model_config(self, model_config) -> None:
+        self._write_json(MODEL_CONFIG_FILE, hf.config_to_hf(model_config))
+
+    def write_data_report(self, report: dict) -> None:
+        self._write_json(DATA_FILE, report)
+
+    def write_summary(self, summary: dict) -> None:
+        self._write_json(SUMMARY_FILE, summary)
