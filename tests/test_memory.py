@@ -197,8 +197,8 @@ def test_grad_accumulation_and_chunked_logps_equal_the_plain_step(tiny_config):
         apply_fn=hf.model_fns(built.model_config)[1],
         tx=tx,
         schedule=built.schedule,
-        loss_cfg=config.loss,
-        tr_cfg=config.trust_region,
+        objective=built.program.objective,
+        reference_update=built.program.reference_update,
     )
     full_state, full_m = jax.jit(lambda s, b: train.train_step(s, b, **kw))(host_state, batch)
     assert 0.0 < float(full_m["rewards/accuracies"]) < 1.0
