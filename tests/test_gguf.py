@@ -131,7 +131,7 @@ def test_tokenizer_needs_neither_torch_nor_network(smollm2):
     code = (
         "import json, sys; sys.modules['torch'] = None\n"
         "import gguf\n"
-        "from tr_align import gguf as g\n"
+        "from tr_align.io import gguf as g\n"
         "tok = g.tokenizer_from_gguf(gguf.GGUFReader(g.smollm2_gguf_path()))\n"
         f"msgs = {REFERENCE['messages']!r}\n"
         "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)\n"
