@@ -15,6 +15,7 @@ import pathlib
 import jax
 import ml_dtypes
 import numpy as np
+import packing_checks
 import pytest
 from safetensors.numpy import load_file
 
@@ -289,6 +290,27 @@ def test_padding_does_not_leak():
     keep = mask.astype(bool)
     np.testing.assert_array_equal(a[keep], b[keep])
     assert np.all(np.isfinite(a))
+
+
+PACKING_VARIANTS = {
+    "partial_rotary": {},
+    "tied,sequential,full_rotary": {
+        "tie_word_embeddings": True,
+        "use_parallel_residual": False,
+        "rotary_pct": 1.0,
+    },
+}
+
+
+@pytest.mark.parametrize("variant", sorted(PACKING_VARIANTS))
+def test_packed_inputs_match_sequences_alone(variant):
+    cfg = small_config(**PACKING_VARIANTS[variant])
+    params = gx.params_from_hf(random_hf_tensors(cfg).__getitem__, cfg)
+    apply_fn = jitted_apply(cfg)
+    packing_checks.check_packed_segments(apply_fn, params, cfg.vocab_size, atol=1e-4)
+    packing_checks.check_prefix_branches(apply_fn, params, cfg.vocab_size, atol=1e-4)
+    ids, mask = small_batch(cfg)
+    packing_checks.check_segments_equal_attention_mask(apply_fn, params, ids, mask)
 
 
 # ----------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Plumbing shared by the decoder models: linen module -> plain functions, KV caches.
+"""Plumbing shared by the decoder models: linen module -> plain functions, masks, attention.
 
-Every model module (``llama``, ``gpt_neox``) defines a linen module with the same call
-signature, ``(input_ids, attention_mask)`` for the plain forward and keyword-only
-``cache, cache_index, positions_BT, kv_mask_BS`` for cached decoding, and exposes it
-through these helpers as ``make_model``, ``make_decode_fn`` and ``init_cache``.
+The model families (``llama``, ``gpt_neox``) are built by ``decoder`` into one linen module
+with the same call signature: ``(input_ids, attention_mask)`` plus keyword-only
+``positions, segment_ids, branch_ids`` for the plain forward, and ``cache, cache_index,
+positions, kv_mask_BS`` for cached decoding; these helpers turn it into ``make_model``'s
+and ``make_decode_fn``'s plain functions.
 """
 
 from __future__ import annotations
@@ -33,8 +34,18 @@ def model_fns(module: nn.Module, head_fn: Callable | None = None) -> tuple[Calla
     """(init_fn, apply_fn) for a decoder module.
 
     init_fn(rng) -> params: plain nested dict of float32 arrays.
-    apply_fn(params, input_ids [B,T] int32, attention_mask [B,T] 0/1) -> logits
-      [B,T,V] float32. Neither is jitted; wrap in jax.jit as needed.
+    apply_fn(params, input_ids [B,T] int, attention_mask [B,T] 0/1 = None, *, positions=None,
+      segment_ids=None, branch_ids=None) -> logits [B,T,V] float32. Neither is jitted.
+
+      attention_mask: key padding of right-padded rows (default: none).
+      positions [B,T] int: rotary positions (default ``arange(T)`` for every row).
+      segment_ids [B,T] int: several sequences packed in a row, 0 = padding; exclusive with
+        attention_mask.
+      branch_ids [B,T] int (default all 0): prefix sharing inside a segment, 0 = the shared
+        prefix, b > 0 = branch b; give each branch the positions it has after the prefix.
+      Key k is visible to query q of the same row iff ``k <= q`` and (with segment_ids)
+      ``seg[k] == seg[q]`` and (with branch_ids) ``br[k] in (0, br[q])``, and (with
+      attention_mask) ``attention_mask[k]``; see ``plain_mask``.
     apply_fn(..., split_head=True) -> (hidden [B,T,D] in the compute dtype, head) with
       ``head(x [..., D]) -> logits [..., V] float32`` the output projection bound to
       ``params`` (``head_fn(params, x)``), so ``head(hidden)`` equals the plain output.
@@ -52,14 +63,23 @@ def model_fns(module: nn.Module, head_fn: Callable | None = None) -> tuple[Calla
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        branch_ids: jax.Array | None = None,
         split_head: bool = False,
     ):
-        if not split_head:
-            return module.apply({"params": params}, input_ids, attention_mask)
-        if head_fn is None:
+        if split_head and head_fn is None:
             raise ValueError(f"{type(module).__name__}: split_head needs a head_fn")
-        hidden = module.apply({"params": params}, input_ids, attention_mask, return_hidden=True)
-        return hidden, functools.partial(head_fn, params)
+        out = module.apply(
+            {"params": params},
+            input_ids,
+            attention_mask,
+            positions=positions,
+            segment_ids=segment_ids,
+            branch_ids=branch_ids,
+            return_hidden=split_head,
+        )
+        return (out, functools.partial(head_fn, params)) if split_head else out
 
     return init_fn, apply_fn
 
@@ -74,7 +94,7 @@ def decode_fn(module: nn.Module) -> Callable:
             input_ids,
             cache=cache,
             cache_index=cache_index,
-            positions_BT=positions,
+            positions=positions,
             kv_mask_BS=kv_mask,
         )
 
@@ -111,44 +131,55 @@ def attention(
     return out_BTKGE.reshape(b, t, h, e)
 
 
-def slot_mask(
-    attention_mask_BT,
-    cache_index,
-    kv_mask_BS,
-    positions_BT,
+def plain_mask(
+    shape_BT: tuple[int, int],
+    attention_mask_BT=None,
+    positions_BT=None,
+    segment_ids_BT=None,
+    branch_ids_BT=None,
     *,
-    batch: int,
-    length: int,
     sliding_window: int | None = None,
 ):
-    """(mask [B,T,S] bool, rotary positions) for the plain or the cached forward.
+    """(mask [B,T,T] bool, rotary positions [T] or [B,T]) for the plain forward.
 
-    Plain forward (``cache_index`` None): T = S, key padding from ``attention_mask_BT``
-    (default all ones), positions ``arange(T)`` (inputs are right-padded). Cached
-    decoding: the chunk's queries sit at slots ``cache_index + arange(T)``, keys are
-    the S cache slots marked valid in ``kv_mask_BS``, positions are ``positions_BT``.
-    A query sees valid keys at or before its own slot (and, with a sliding window,
-    fewer than ``sliding_window`` slots back).
+    Key k is visible to query q of the same row iff ``k <= q`` (row order) and
+      * ``attention_mask[k]`` when given (the right-padded batch: default all ones), or
+        ``segment_ids[q] == segment_ids[k]`` when segment_ids are given (0 = padding, so
+        pad queries see only pad keys: finite, unused outputs);
+      * ``branch_ids[k] == 0 or branch_ids[k] == branch_ids[q]`` when branch_ids are given;
+      * ``positions[q] - positions[k] < sliding_window`` when the model has one.
+    Positions default to ``arange(T)``.
     """
-    if cache_index is None:
-        if attention_mask_BT is None:
-            attention_mask_BT = jnp.ones((batch, length), jnp.int32)
-        q_slots_T, kv_valid_BS, positions = (
-            jnp.arange(length),
-            attention_mask_BT,
-            jnp.arange(length),
-        )
+    b, t = shape_BT
+    slots_T = jnp.arange(t)
+    mask_BTS = (slots_T[None, :] <= slots_T[:, None])[None]
+    if segment_ids_BT is None:
+        if attention_mask_BT is not None:
+            mask_BTS = mask_BTS & attention_mask_BT.astype(jnp.bool_)[:, None, :]
+    elif attention_mask_BT is not None:
+        raise ValueError("give attention_mask or segment_ids, not both")
     else:
-        q_slots_T, kv_valid_BS, positions = (
-            cache_index + jnp.arange(length),
-            kv_mask_BS,
-            positions_BT,
-        )
-    kv_slots_S = jnp.arange(kv_valid_BS.shape[1])
+        mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+    if branch_ids_BT is not None:
+        key_BS = branch_ids_BT[:, None, :]
+        mask_BTS = mask_BTS & ((key_BS == 0) | (key_BS == branch_ids_BT[:, :, None]))
+    positions = slots_T if positions_BT is None else positions_BT
+    if sliding_window is not None:
+        pos = positions if positions.ndim == 2 else positions[None]
+        mask_BTS = mask_BTS & ((pos[:, :, None] - pos[:, None, :]) < sliding_window)
+    return jnp.broadcast_to(mask_BTS, (b, t, t)), positions
+
+
+def cached_mask(cache_index, kv_mask_BS, length: int, sliding_window: int | None = None):
+    """mask [B,T,S] bool for cached decoding: the chunk's queries sit at slots
+    ``cache_index + arange(T)``; a query sees the slots valid in ``kv_mask_BS`` at or
+    before its own (and, with a sliding window, fewer than ``sliding_window`` slots back)."""
+    q_slots_T = cache_index + jnp.arange(length)
+    kv_slots_S = jnp.arange(kv_mask_BS.shape[1])
     allowed_TS = kv_slots_S[None, :] <= q_slots_T[:, None]
     if sliding_window is not None:
         allowed_TS &= (q_slots_T[:, None] - kv_slots_S[None, :]) < sliding_window
-    return allowed_TS[None] & kv_valid_BS.astype(jnp.bool_)[:, None, :], positions
+    return allowed_TS[None] & kv_mask_BS.astype(jnp.bool_)[:, None, :]
 
 
 def run_blocks(blocks, x_BTD, mask_BTS, cos, sin, cache=None, cache_index=None):
@@ -171,11 +202,12 @@ def run_blocks(blocks, x_BTD, mask_BTS, cos, sin, cache=None, cache_index=None):
     return x_BTD, new_cache
 
 
-def tied_logits(x_BTD, embedding_VD, dtype):
-    """x @ embedding^T in ``dtype`` with float32 accumulation -> [B,T,V] float32."""
-    return jnp.einsum(
-        "btd,vd->btv", x_BTD, embedding_VD.astype(dtype), preferred_element_type=jnp.float32
-    )
+def tied_logits(x, embedding_VD, dtype):
+    """x [..., D] @ embedding^T in ``dtype`` with float32 accumulation -> [..., V] float32
+    (computed on 2-D rows, like ``decoder.Dense``)."""
+    x_ND = x.reshape(-1, x.shape[-1]).astype(dtype)
+    logits_NV = F32_DOT(x_ND, embedding_VD.astype(dtype), (((1,), (1,)), ((), ())))
+    return logits_NV.reshape(*x.shape[:-1], embedding_VD.shape[0])
 
 
 # model.remat: what the backward pass keeps of each decoder block's forward.

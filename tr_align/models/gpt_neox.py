@@ -56,10 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tr_align.models import common
-from tr_align.models.common import attention
+from tr_align.models import decoder
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Hugging Face ACT2FN names (transformers/activations.py) -> the same function in JAX.
 _ACTIVATIONS: dict[str, Callable] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # nn.functional.gelu (erf)
@@ -82,7 +80,7 @@ _ROPE_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTNeoXConfig:
+class GPTNeoXConfig(decoder.ConfigDict):
     """Model hyper-parameters; field names equal Hugging Face ``config.json`` keys.
 
     ``rotary_pct`` / ``rotary_emb_base`` are the hub (Pythia) spelling; transformers 5
@@ -110,17 +108,7 @@ class GPTNeoXConfig:
     remat: str = "none"  # per-block rematerialisation: none | full | save_dots (not exported)
 
     def __post_init__(self):
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "max_position_embeddings",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPTNeoXConfig.{name} must be a positive int, got {value!r}")
+        self.check_common()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"GPTNeoXConfig.hidden_size ({self.hidden_size}) must be divisible by "
@@ -150,14 +138,6 @@ class GPTNeoXConfig:
                 f"GPTNeoXConfig.hidden_act must be one of {sorted(_ACTIVATIONS)}, "
                 f"got {self.hidden_act!r}"
             )
-        if self.dtype not in _DTYPES:
-            raise ValueError(
-                f"GPTNeoXConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}"
-            )
-        if self.remat not in common.REMAT_POLICIES:
-            raise ValueError(
-                f"GPTNeoXConfig.remat must be one of {common.REMAT_POLICIES}, got {self.remat!r}"
-            )
 
     @property
     def head_dim(self) -> int:
@@ -167,18 +147,6 @@ class GPTNeoXConfig:
     def rotary_ndims(self) -> int:
         """int(head_dim * rotary_pct), as HF computes it (see ``rope_cos_sin`` for odd values)."""
         return int(self.head_dim * self.rotary_pct)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GPTNeoXConfig:
-        """Builds a config from a dict; raises ValueError naming any unknown keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"GPTNeoXConfig.from_dict: unknown keys {unknown}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------
@@ -241,168 +209,61 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def _dense(cfg: GPTNeoXConfig, features: int, name: str, use_bias: bool = True, **kw) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=_DTYPES[cfg.dtype],
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.normal(cfg.initializer_range),
-        bias_init=nn.initializers.zeros,
-        name=name,
-        **kw,
-    )
-
-
-class Attention(nn.Module):
-    """Fused-qkv self-attention with partial RoPE. x [B,T,D], mask [B,T,S] -> [B,T,D].
-
-    cos/sin are [T,R] or [B,T,R]. Without ``cache`` the keys are this chunk's (S = T).
-    With ``cache`` = {"k", "v"} of [B, S, H, E], this chunk's keys/values are written at
-    slot ``cache_index`` and the queries attend over all S slots; returns (out, new_cache).
-    """
-
-    cfg: GPTNeoXConfig
-
-    @nn.compact
-    def __call__(self, x_BTD, mask_BTS, cos_TR, sin_TR, cache=None, cache_index=None):
-        cfg = self.cfg
-        b, t, _ = x_BTD.shape
-        h, e = cfg.num_attention_heads, cfg.head_dim
-        qkv = _dense(cfg, 3 * cfg.hidden_size, "query_key_value", cfg.attention_bias)(x_BTD)
-        qkv_BTH3E = qkv.reshape(b, t, h, 3 * e)  # HF: per head [q | k | v]
-        q, k, v = qkv_BTH3E[..., :e], qkv_BTH3E[..., e : 2 * e], qkv_BTH3E[..., 2 * e :]
-        q = apply_partial_rope(q, cos_TR, sin_TR)
-        k = apply_partial_rope(k, cos_TR, sin_TR)
-        if cache is not None:
-            at = (0, cache_index, 0, 0)
-            cache = {
-                "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
-                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
-            }
-            k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
-        out_BTHE = attention(q, k, v, mask_BTS)
-        dense = _dense(cfg, cfg.hidden_size, "dense", cfg.attention_bias)
-        out = dense(out_BTHE.reshape(b, t, h * e))
-        return out if cache is None else (out, cache)
+def _qkv(cfg: GPTNeoXConfig, x_ND):
+    """q, k, v [N,H,E] from the fused projection, laid out per head as [q | k | v] (HF)."""
+    h, e = cfg.num_attention_heads, cfg.head_dim
+    qkv = decoder.dense(cfg, 3 * cfg.hidden_size, "query_key_value", cfg.attention_bias)(x_ND)
+    qkv_NH3E = qkv.reshape(x_ND.shape[0], h, 3 * e)
+    return qkv_NH3E[..., :e], qkv_NH3E[..., e : 2 * e], qkv_NH3E[..., 2 * e :]
 
 
 class Mlp(nn.Module):
-    """dense_4h_to_h(act(dense_h_to_4h(x))). [B,T,D] -> [B,T,D]."""
+    """dense_4h_to_h(act(dense_h_to_4h(x))). [..., D] -> [..., D]."""
 
     cfg: GPTNeoXConfig
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x):
         cfg = self.cfg
-        y_BTF = _dense(cfg, cfg.intermediate_size, "dense_h_to_4h")(x_BTD)
-        y_BTF = _ACTIVATIONS[cfg.hidden_act](y_BTF)
-        return _dense(cfg, cfg.hidden_size, "dense_4h_to_h")(y_BTF)
+        y = decoder.dense(cfg, cfg.intermediate_size, "dense_h_to_4h", True)(x)
+        y = _ACTIVATIONS[cfg.hidden_act](y)
+        return decoder.dense(cfg, cfg.hidden_size, "dense_4h_to_h", True)(y)
 
 
-class Block(nn.Module):
-    """Parallel: x + attn(ln1(x)) + mlp(ln2(x)); else h = x + attn(ln1(x)); h + mlp(ln2(h))."""
-
-    cfg: GPTNeoXConfig
-
-    @nn.compact
-    def __call__(self, x_BTD, mask_BTS, cos_TR, sin_TR, cache=None, cache_index=None):
-        cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
-        ln1 = LayerNorm(cfg.layer_norm_eps, dtype, name="input_layernorm")
-        ln2 = LayerNorm(cfg.layer_norm_eps, dtype, name="post_attention_layernorm")
-        attn = Attention(cfg, name="attention")
-        attn_BTD = attn(ln1(x_BTD), mask_BTS, cos_TR, sin_TR, cache, cache_index)
-        if cache is not None:
-            attn_BTD, cache = attn_BTD
-        mlp = Mlp(cfg, name="mlp")
-        if cfg.use_parallel_residual:
-            out_BTD = mlp(ln2(x_BTD)) + attn_BTD + x_BTD
-        else:
-            h_BTD = attn_BTD + x_BTD
-            out_BTD = mlp(ln2(h_BTD)) + h_BTD
-        return out_BTD if cache is None else (out_BTD, cache)
+FAMILY = decoder.Family(
+    embed_name="embed_in",
+    attention_name="attention",
+    out_proj_name="dense",
+    final_norm_name="final_layer_norm",
+    head_name="embed_out",
+    norm=lambda cfg, name: LayerNorm(cfg.layer_norm_eps, decoder.DTYPES[cfg.dtype], name=name),
+    qkv=_qkv,
+    mlp=Mlp,
+    rope_tables=lambda cfg, positions: rope_cos_sin(
+        positions, cfg.rotary_ndims, cfg.rotary_emb_base
+    ),
+    apply_rope=apply_partial_rope,
+    kv_heads=lambda cfg: cfg.num_attention_heads,
+    out_bias=lambda cfg: cfg.attention_bias,
+    parallel_residual=lambda cfg: cfg.use_parallel_residual,
+)
 
 
-class GPTNeoX(nn.Module):
-    """input_ids [B,T] int, attention_mask [B,T] 0/1 (right-padded) -> logits [B,T,V] f32.
-
-    ``return_hidden=True`` (plain forward only) returns the final-norm hidden states
-    [B,T,D] instead; ``head_logits`` maps them to the logits.
-
-    Decoding mode (``cache`` given, see ``init_cache``): the chunk's tokens sit at cache
-    slots ``cache_index .. cache_index + T - 1``; ``positions_BT`` are their rotary
-    positions and ``kv_mask_BS`` marks the valid (non-padding) slots. A query attends
-    to valid slots at or before its own. Returns (logits, new_cache).
-    """
-
-    cfg: GPTNeoXConfig
-
-    @nn.compact
-    def __call__(
-        self,
-        input_ids_BT,
-        attention_mask_BT=None,
-        *,
-        cache=None,
-        cache_index=None,
-        positions_BT=None,
-        kv_mask_BS=None,
-        return_hidden=False,
-    ):
-        cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
-        b, t = input_ids_BT.shape
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            embedding_init=nn.initializers.normal(cfg.initializer_range),
-            name="embed_in",
-        )
-        x_BTD = embed(input_ids_BT.astype(jnp.int32))
-
-        mask_BTS, positions = common.slot_mask(
-            attention_mask_BT,
-            None if cache is None else cache_index,
-            kv_mask_BS,
-            positions_BT,
-            batch=b,
-            length=t,
-        )
-        cos_TR, sin_TR = rope_cos_sin(positions, cfg.rotary_ndims, cfg.rotary_emb_base)
-
-        block_cls = Block if cache is not None else common.remat_block(Block, cfg.remat)
-        blocks = [block_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
-        x_BTD, new_cache = common.run_blocks(
-            blocks, x_BTD, mask_BTS, cos_TR, sin_TR, cache, cache_index
-        )
-        x_BTD = LayerNorm(cfg.layer_norm_eps, dtype, name="final_layer_norm")(x_BTD)
-        if return_hidden and cache is None:
-            return x_BTD
-        if cfg.tie_word_embeddings:
-            logits = common.tied_logits(x_BTD, embed.embedding, dtype)
-        else:
-            logits = _dense(cfg, cfg.vocab_size, "embed_out", False, dot_general=common.F32_DOT)(
-                x_BTD
-            ).astype(jnp.float32)
-        return logits if cache is None else (logits, new_cache)
-
-
-# Logical axes of every parameter (``tr_align.sharding``): regex over the "/"-joined path
-# (full match, first wins) -> one logical name per dimension. The fused qkv columns are
-# per head ([H, 3*E]), so splitting them over heads keeps each head's q, k, v together.
-PARAM_AXES = (
-    (r"embed_in/embedding", ("vocab", "embed")),
-    (r"(layers_\d+/(input|post_attention)_layernorm|final_layer_norm)/(scale|bias)", ("norm",)),
-    (r"layers_\d+/attention/query_key_value/kernel", ("embed", "heads")),
-    (r"layers_\d+/attention/query_key_value/bias", ("heads",)),
-    (r"layers_\d+/attention/dense/kernel", ("heads", "embed")),
-    (r"layers_\d+/attention/dense/bias", ("embed",)),
-    (r"layers_\d+/mlp/dense_h_to_4h/kernel", ("embed", "mlp")),
-    (r"layers_\d+/mlp/dense_h_to_4h/bias", ("mlp",)),
-    (r"layers_\d+/mlp/dense_4h_to_h/kernel", ("mlp", "embed")),
-    (r"layers_\d+/mlp/dense_4h_to_h/bias", ("embed",)),
-    (r"embed_out/kernel", ("embed", "vocab")),
+# Logical axes of every parameter (``decoder.param_axes``). The fused qkv columns are per
+# head ([H, 3*E]), so splitting them over heads keeps each head's q, k, v together.
+PARAM_AXES = decoder.param_axes(
+    FAMILY,
+    "(scale|bias)",
+    (
+        (r"layers_\d+/attention/query_key_value/kernel", ("embed", "heads")),
+        (r"layers_\d+/attention/query_key_value/bias", ("heads",)),
+        (r"layers_\d+/attention/dense/kernel", ("heads", "embed")),
+        (r"layers_\d+/attention/dense/bias", ("embed",)),
+        (r"layers_\d+/mlp/dense_h_to_4h/kernel", ("embed", "mlp")),
+        (r"layers_\d+/mlp/dense_h_to_4h/bias", ("mlp",)),
+        (r"layers_\d+/mlp/dense_4h_to_h/kernel", ("mlp", "embed")),
+        (r"layers_\d+/mlp/dense_4h_to_h/bias", ("embed",)),
+    ),
 )
 
 
@@ -410,33 +271,25 @@ PARAM_AXES = (
 # Public API.
 
 
-def head_logits(config: GPTNeoXConfig, params: dict, x_BTD: jax.Array) -> jax.Array:
-    """The output projection of ``GPTNeoX`` alone: final-norm hidden [B,T,D] -> logits
-    [B,T,V] float32 (``embed_out``, or the ``embed_in`` transpose when tied), same ops."""
-    dtype = _DTYPES[config.dtype]
-    if config.tie_word_embeddings:
-        return common.tied_logits(x_BTD, params["embed_in"]["embedding"], dtype)
-    head = _dense(config, config.vocab_size, "embed_out", False, dot_general=common.F32_DOT)
-    return head.apply({"params": params["embed_out"]}, x_BTD).astype(jnp.float32)
+def head_logits(config: GPTNeoXConfig, params: dict, x: jax.Array) -> jax.Array:
+    """The output projection alone: final-norm hidden [..., D] -> logits [..., V] float32
+    (``embed_out``, or the ``embed_in`` transpose when tied), the same ops as the model's."""
+    return decoder.head_logits(FAMILY, config, params, x)
 
 
 def make_model(config: GPTNeoXConfig) -> tuple[Callable, Callable]:
     """(init_fn, apply_fn): see ``common.model_fns`` (tree in the module doc)."""
-    return common.model_fns(GPTNeoX(config), functools.partial(head_logits, config))
+    return decoder.make_model(FAMILY, config)
 
 
 def make_decode_fn(config: GPTNeoXConfig) -> Callable:
-    """Cached forward for ``tr_align.generate``: see ``common.decode_fn`` and ``GPTNeoX``."""
-    return common.decode_fn(GPTNeoX(config))
+    """Cached forward for ``tr_align.generate``: see ``common.decode_fn``."""
+    return decoder.make_decode_fn(FAMILY, config)
 
 
 def init_cache(config: GPTNeoXConfig, batch: int, length: int, dtype=None) -> list[dict]:
-    """Zeroed KV cache, per layer {"k", "v"} of [batch, length, kv heads, head_dim], in the
-    compute dtype unless ``dtype`` is given."""
-    dtype = _DTYPES[config.dtype] if dtype is None else dtype
-    return common.zeros_cache(
-        config.num_hidden_layers, batch, length, config.num_attention_heads, config.head_dim, dtype
-    )
+    """Zeroed KV cache (``decoder.init_cache``): per layer {"k", "v"} [batch, length, H, E]."""
+    return decoder.init_cache(FAMILY, config, batch, length, dtype)
 
 
 # ----------------------------------------------------------------------------

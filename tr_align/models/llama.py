@@ -1,16 +1,17 @@
 """Decoder-only Llama-style transformer in Flax linen, sized by a config.
 
-Covers Llama / Mistral (without sliding window) / Qwen2 (``qkv_bias``) / SmolLM2
-(``tie_word_embeddings``) style checkpoints. Semantics follow Hugging Face
+Covers Llama / Mistral (``sliding_window``) / Qwen2 (``qkv_bias``) / SmolLM2
+(``tie_word_embeddings``) style checkpoints; the embedding / blocks / head shell is
+``decoder``'s, this module gives what is Llama's (``FAMILY``). Semantics follow Hugging Face
 ``modeling_llama.py`` so weights map one-to-one:
 
   * RMSNorm: ``scale * x * rsqrt(mean(x**2) + eps)``, normalisation in float32.
   * RoPE in the "rotate_half" form, ``cos/sin = concat(freqs, freqs)``, positions
-    ``arange(T)`` (inputs are RIGHT-padded). No rope scaling.
+    ``arange(T)`` (inputs are RIGHT-padded) unless given; optional Llama 3 scaling.
   * Grouped-query attention: kv head ``k`` serves the contiguous query heads
     ``k*G .. k*G+G-1`` (``G = H // KV``; HF ``repeat_kv``).
-  * Causal + key-padding mask with ``finfo(float32).min`` (never -inf), softmax in
-    float32, no dropout.
+  * Causal + key-padding (or packed-segment) mask with ``finfo(float32).min`` (never
+    -inf), softmax in float32, no dropout (``common.plain_mask``, ``common.attention``).
   * SwiGLU MLP ``down(silu(gate(x)) * up(x))``, pre-norm residual blocks, final
     RMSNorm, ``lm_head`` (or the embedding transpose when tied).
 
@@ -44,10 +45,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tr_align.models import common
-from tr_align.models.common import attention
+from tr_align.models import decoder
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _LLAMA3_ROPE_KEYS = (
     "rope_type",
     "factor",
@@ -64,7 +63,7 @@ HF_MODEL_TYPES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(decoder.ConfigDict):
     """Model hyper-parameters; field names equal Hugging Face ``config.json`` keys.
 
     ``num_key_value_heads`` and ``head_dim`` may be given as None; they are resolved
@@ -94,17 +93,7 @@ class LlamaConfig:
     remat: str = "none"  # per-block rematerialisation: none | full | save_dots (not exported)
 
     def __post_init__(self):
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "max_position_embeddings",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+        self.check_common()
         heads = self.num_attention_heads
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", heads)
@@ -126,10 +115,6 @@ class LlamaConfig:
         hd = self.head_dim
         if not isinstance(hd, int) or isinstance(hd, bool) or hd <= 0 or hd % 2:
             raise ValueError(f"LlamaConfig.head_dim must be a positive even int, got {hd!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(
-                f"LlamaConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}"
-            )
         if not self.rope_theta > 0:
             raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.rms_norm_eps > 0:
@@ -145,27 +130,11 @@ class LlamaConfig:
             raise ValueError(
                 f"LlamaConfig.sliding_window must be None or > 0, got {self.sliding_window!r}"
             )
-        if self.remat not in common.REMAT_POLICIES:
-            raise ValueError(
-                f"LlamaConfig.remat must be one of {common.REMAT_POLICIES}, got {self.remat!r}"
-            )
         if self.model_type not in HF_MODEL_TYPES:
             raise ValueError(
                 f"LlamaConfig.model_type must be one of {sorted(HF_MODEL_TYPES)}, "
                 f"got {self.model_type!r}"
             )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
-        """Builds a config from a dict; raises ValueError naming any unknown keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"LlamaConfig.from_dict: unknown keys {unknown}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------
@@ -239,161 +208,60 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def _dense(cfg: LlamaConfig, features: int, name: str, use_bias: bool = False, **kw) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=_DTYPES[cfg.dtype],
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.normal(cfg.initializer_range),
-        bias_init=nn.initializers.zeros,
-        name=name,
-        **kw,
-    )
-
-
-class Attention(nn.Module):
-    """GQA self-attention with RoPE. x [B,T,D], mask [B,T,S], cos/sin [T,E] or [B,T,E] -> [B,T,D].
-
-    Without ``cache`` the keys are this chunk's (S = T). With ``cache`` = {"k", "v"}
-    of [B, S, KV, E], this chunk's keys/values are written at slot ``cache_index``
-    and the queries attend over all S slots; returns (out, new_cache).
-    """
-
-    cfg: LlamaConfig
-
-    @nn.compact
-    def __call__(self, x_BTD, mask_BTS, cos_TE, sin_TE, cache=None, cache_index=None):
-        cfg = self.cfg
-        b, t, _ = x_BTD.shape
-        h, k, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = _dense(cfg, h * e, "q_proj", cfg.qkv_bias)(x_BTD).reshape(b, t, h, e)
-        kk = _dense(cfg, k * e, "k_proj", cfg.qkv_bias)(x_BTD).reshape(b, t, k, e)
-        v = _dense(cfg, k * e, "v_proj", cfg.qkv_bias)(x_BTD).reshape(b, t, k, e)
-        q = apply_rope(q, cos_TE, sin_TE)
-        kk = apply_rope(kk, cos_TE, sin_TE)
-        if cache is not None:
-            at = (0, cache_index, 0, 0)
-            cache = {
-                "k": jax.lax.dynamic_update_slice(cache["k"], kk.astype(cache["k"].dtype), at),
-                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
-            }
-            kk, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
-        out_BTHE = attention(q, kk, v, mask_BTS)
-        out = _dense(cfg, cfg.hidden_size, "o_proj")(out_BTHE.reshape(b, t, h * e))
-        return out if cache is None else (out, cache)
+def _qkv(cfg: LlamaConfig, x_ND):
+    """q [N,H,E], k/v [N,K,E] from separate projections (bias with ``qkv_bias``)."""
+    h, k, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = decoder.dense(cfg, h * e, "q_proj", cfg.qkv_bias)(x_ND)
+    kk = decoder.dense(cfg, k * e, "k_proj", cfg.qkv_bias)(x_ND)
+    v = decoder.dense(cfg, k * e, "v_proj", cfg.qkv_bias)(x_ND)
+    n = x_ND.shape[0]
+    return q.reshape(n, h, e), kk.reshape(n, k, e), v.reshape(n, k, e)
 
 
 class Mlp(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). [B,T,D] -> [B,T,D]."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). [..., D] -> [..., D]."""
 
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x):
         cfg = self.cfg
-        gate_BTF = _dense(cfg, cfg.intermediate_size, "gate_proj")(x_BTD)
-        up_BTF = _dense(cfg, cfg.intermediate_size, "up_proj")(x_BTD)
-        return _dense(cfg, cfg.hidden_size, "down_proj")(nn.silu(gate_BTF) * up_BTF)
+        gate = decoder.dense(cfg, cfg.intermediate_size, "gate_proj")(x)
+        up = decoder.dense(cfg, cfg.intermediate_size, "up_proj")(x)
+        return decoder.dense(cfg, cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
 
 
-class Block(nn.Module):
-    """Pre-norm decoder layer: x + attn(ln1(x)); x + mlp(ln2(x))."""
-
-    cfg: LlamaConfig
-
-    @nn.compact
-    def __call__(self, x_BTD, mask_BTS, cos_TE, sin_TE, cache=None, cache_index=None):
-        cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
-        y = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x_BTD)
-        attn = Attention(cfg, name="self_attn")(y, mask_BTS, cos_TE, sin_TE, cache, cache_index)
-        if cache is not None:
-            attn, cache = attn
-        x_BTD = x_BTD + attn
-        y = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x_BTD)
-        x_BTD = x_BTD + Mlp(cfg, name="mlp")(y)
-        return x_BTD if cache is None else (x_BTD, cache)
-
-
-class Llama(nn.Module):
-    """input_ids [B,T] int, attention_mask [B,T] 0/1 (right-padded) -> logits [B,T,V] f32.
-
-    ``return_hidden=True`` (plain forward only) returns the final-norm hidden states
-    [B,T,D] instead; ``head_logits`` maps them to the logits.
-
-    Decoding mode (``cache`` given, see ``init_cache``): the chunk's tokens sit at cache
-    slots ``cache_index .. cache_index + T - 1``; ``positions_BT`` are their rotary
-    positions and ``kv_mask_BS`` marks the valid (non-padding) slots. A query attends
-    to valid slots at or before its own. Returns (logits, new_cache).
-    """
-
-    cfg: LlamaConfig
-
-    @nn.compact
-    def __call__(
-        self,
-        input_ids_BT,
-        attention_mask_BT=None,
-        *,
-        cache=None,
-        cache_index=None,
-        positions_BT=None,
-        kv_mask_BS=None,
-        return_hidden=False,
-    ):
-        cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
-        b, t = input_ids_BT.shape
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            embedding_init=nn.initializers.normal(cfg.initializer_range),
-            name="embed_tokens",
-        )
-        x_BTD = embed(input_ids_BT.astype(jnp.int32))
-
-        mask_BTS, positions = common.slot_mask(
-            attention_mask_BT,
-            None if cache is None else cache_index,
-            kv_mask_BS,
-            positions_BT,
-            batch=b,
-            length=t,
-            sliding_window=cfg.sliding_window,
-        )
-        cos_TE, sin_TE = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-
-        block_cls = Block if cache is not None else common.remat_block(Block, cfg.remat)
-        blocks = [block_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
-        x_BTD, new_cache = common.run_blocks(
-            blocks, x_BTD, mask_BTS, cos_TE, sin_TE, cache, cache_index
-        )
-        x_BTD = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x_BTD)
-        if return_hidden and cache is None:
-            return x_BTD
-        if cfg.tie_word_embeddings:
-            logits = common.tied_logits(x_BTD, embed.embedding, dtype)
-        else:
-            logits = _dense(cfg, cfg.vocab_size, "lm_head", dot_general=common.F32_DOT)(
-                x_BTD
-            ).astype(jnp.float32)
-        return logits if cache is None else (logits, new_cache)
+FAMILY = decoder.Family(
+    embed_name="embed_tokens",
+    attention_name="self_attn",
+    out_proj_name="o_proj",
+    final_norm_name="norm",
+    head_name="lm_head",
+    norm=lambda cfg, name: RMSNorm(cfg.rms_norm_eps, decoder.DTYPES[cfg.dtype], name=name),
+    qkv=_qkv,
+    mlp=Mlp,
+    rope_tables=lambda cfg, positions: rope_cos_sin(
+        positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
+    ),
+    apply_rope=apply_rope,
+    kv_heads=lambda cfg: cfg.num_key_value_heads,
+    sliding_window=lambda cfg: cfg.sliding_window,
+)
 
 
-# Logical axes of every parameter (``tr_align.sharding``): regex over the "/"-joined path
-# (full match, first wins) -> one logical name per dimension.
-PARAM_AXES = (
-    (r"embed_tokens/embedding", ("vocab", "embed")),
-    (r"(layers_\d+/(input|post_attention)_layernorm|norm)/scale", ("norm",)),
-    (r"layers_\d+/self_attn/q_proj/kernel", ("embed", "heads")),
-    (r"layers_\d+/self_attn/q_proj/bias", ("heads",)),
-    (r"layers_\d+/self_attn/[kv]_proj/kernel", ("embed", "kv_heads")),
-    (r"layers_\d+/self_attn/[kv]_proj/bias", ("kv_heads",)),
-    (r"layers_\d+/self_attn/o_proj/kernel", ("heads", "embed")),
-    (r"layers_\d+/mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
-    (r"layers_\d+/mlp/down_proj/kernel", ("mlp", "embed")),
-    (r"lm_head/kernel", ("embed", "vocab")),
+# Logical axes of every parameter (``decoder.param_axes``).
+PARAM_AXES = decoder.param_axes(
+    FAMILY,
+    "scale",
+    (
+        (r"layers_\d+/self_attn/q_proj/kernel", ("embed", "heads")),
+        (r"layers_\d+/self_attn/q_proj/bias", ("heads",)),
+        (r"layers_\d+/self_attn/[kv]_proj/kernel", ("embed", "kv_heads")),
+        (r"layers_\d+/self_attn/[kv]_proj/bias", ("kv_heads",)),
+        (r"layers_\d+/self_attn/o_proj/kernel", ("heads", "embed")),
+        (r"layers_\d+/mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
+        (r"layers_\d+/mlp/down_proj/kernel", ("mlp", "embed")),
+    ),
 )
 
 
@@ -401,33 +269,25 @@ PARAM_AXES = (
 # Public API.
 
 
-def head_logits(config: LlamaConfig, params: dict, x_BTD: jax.Array) -> jax.Array:
-    """The output projection of ``Llama`` alone: final-norm hidden [B,T,D] -> logits
-    [B,T,V] float32 (``lm_head``, or the embedding transpose when tied), same ops."""
-    dtype = _DTYPES[config.dtype]
-    if config.tie_word_embeddings:
-        return common.tied_logits(x_BTD, params["embed_tokens"]["embedding"], dtype)
-    head = _dense(config, config.vocab_size, "lm_head", dot_general=common.F32_DOT)
-    return head.apply({"params": params["lm_head"]}, x_BTD).astype(jnp.float32)
+def head_logits(config: LlamaConfig, params: dict, x: jax.Array) -> jax.Array:
+    """The output projection alone: final-norm hidden [..., D] -> logits [..., V] float32
+    (``lm_head``, or the embedding transpose when tied), the same ops as the model's."""
+    return decoder.head_logits(FAMILY, config, params, x)
 
 
 def make_model(config: LlamaConfig) -> tuple[Callable, Callable]:
     """(init_fn, apply_fn): see ``common.model_fns`` (tree in the module doc)."""
-    return common.model_fns(Llama(config), functools.partial(head_logits, config))
+    return decoder.make_model(FAMILY, config)
 
 
 def make_decode_fn(config: LlamaConfig) -> Callable:
-    """Cached forward for ``tr_align.generate``: see ``common.decode_fn`` and ``Llama``."""
-    return common.decode_fn(Llama(config))
+    """Cached forward for ``tr_align.generate``: see ``common.decode_fn``."""
+    return decoder.make_decode_fn(FAMILY, config)
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=None) -> list[dict]:
-    """Zeroed KV cache, per layer {"k", "v"} of [batch, length, kv heads, head_dim], in the
-    compute dtype unless ``dtype`` is given."""
-    dtype = _DTYPES[config.dtype] if dtype is None else dtype
-    return common.zeros_cache(
-        config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim, dtype
-    )
+    """Zeroed KV cache (``decoder.init_cache``): per layer {"k", "v"} [batch, length, KV, E]."""
+    return decoder.init_cache(FAMILY, config, batch, length, dtype)
 
 
 def count_params(params: Any) -> int:
