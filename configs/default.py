@@ -82,7 +82,7 @@ def get_config(preset: str | None = None):
             # batch layout: prefix_shared (prompt once per pair, each completion a branch that
             # never sees the other) | packed (several sequences per row) | none (one padded row
             # per sequence); all exact, see tr_align/data/packing.py
-            packing="none",
+            packing="prefix_shared",
             pack_length=0,  # tokens per packed row; 0 = the bucket of the longest segment
             on_bad_row="skip",  # skip (counted per reason) | error (names the first bad row)
             cache_dir="",  # tokenized-data cache; "" = ~/.cache/tr_align/tokenized

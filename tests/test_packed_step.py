@@ -54,9 +54,13 @@ def _run(config, layout, n_steps, devices):
 
 def _assert_same(got, want, *, rtol=2e-5, atol=2e-6):
     (s1, m1, e1, l1), (s0, m0, e0, l0) = got, want
-    for a, b in zip(m1, m0):
+    for i, (a, b) in enumerate(zip(m1, m0)):
         assert a.keys() == b.keys()
         for k in b:
+            if i == 0 and k.endswith("accuracies"):
+                # step 1: policy == reference, every reward is 0 up to float noise (ties), and
+                # the sign of noise is no property of the layout
+                continue
             np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
     for k in e0:
         np.testing.assert_allclose(e1[k], e0[k], rtol=rtol, atol=atol, err_msg=k)
@@ -74,12 +78,11 @@ def _config(tiny_config, preset="tr-soft", **overrides):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_type", (*losses.LOSS_TYPES, "kto", "sft"))
-def test_every_loss_trains_the_same_packed(tiny_config, loss_type):
+def test_every_loss_trains_the_same_prefix_shared(tiny_config, loss_type):
+    """prefix_shared for every objective (``packed`` for sigmoid, KTO and SFT below)."""
     config = _config(tiny_config, **{"loss.type": loss_type})
     devices = jax.devices()[:1]
-    want = _run(config, "none", 2, devices)
-    for layout in LAYOUTS:
-        _assert_same(_run(config, layout, 2, devices), want)
+    _assert_same(_run(config, "prefix_shared", 2, devices), _run(config, "none", 2, devices))
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Default] = {
     "data.group_by_length": Default(False, "batches of similar lengths (less padding)"),
     "data.group_window": Default(0, "batches per length-sorted window (group_by_length)"),
     "data.packing": Default(
-        "none",
+        "prefix_shared",
         "batch layout: prefix_shared (prompt once, each completion a branch) | packed "
         "(several sequences per row) | none (one padded row per sequence); all exact",
     ),

@@ -69,6 +69,25 @@ def _check_finite(step, metrics, last_ckpt):
         )
 
 
+def _batch_stats(host_batch) -> dict:
+    """Host-side figures of this process's batch (the same shape on every process): padding
+    efficiency, row length and count, and the real tokens (prompt + completion of every
+    sequence, as an unshared layout holds them: TRL's count)."""
+    if "seq_ids" in host_batch:
+        counts = packing.token_counts(host_batch)
+        real, eff = counts["real_tokens"], counts["tokens"] / counts["padded_tokens"]
+    else:
+        real = sum(int(v.sum()) for k, v in host_batch.items() if k.endswith("attention_mask"))
+        eff = batching.padding_efficiency(host_batch)
+    ids = host_batch["input_ids" if "seq_ids" in host_batch else next(iter(host_batch))]
+    return {
+        "data/padding_efficiency": eff,
+        "data/length": ids.shape[1],
+        "data/rows": ids.shape[0],
+        "data/real_tokens": real,
+    }
+
+
 def _run_eval(p_eval, state, data, init_logps, mesh, batch_size, layout_kwargs=None):
     """Weighted means of the eval metrics over the whole held-out set, plus policy log-probs.
 
@@ -324,12 +343,7 @@ def run(
                 state, m = built.train_step(state, sharding.put_batch(host_batch, mesh))
                 flush()  # the previous step's metrics, fetched while this step runs
                 if step % config.train.log_every_steps == 0 or step == end:
-                    host = {  # this process's rows; the same bucket on every process
-                        "data/padding_efficiency": (
-                            packing if "seq_ids" in host_batch else batching
-                        ).padding_efficiency(host_batch),
-                        "data/length": host_batch[next(iter(host_batch))].shape[1],
-                    }
+                    host = _batch_stats(host_batch)
                     pending = (step, m, host)
                 bar.update(1)
                 final = step == end or stop.requested
