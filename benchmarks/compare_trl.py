@@ -406,10 +406,10 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="dpo,trdpo")
     ap.add_argument("--trl-python", default=None)
     ap.add_argument("--tr-align-python", default=sys.executable)
-    ap.add_argument("--settle", type=float, default=30.0,
+    ap.add_argument("--settle", type=float, default=300.0,
                     help="before each run, wait up to this many seconds for the machine to be "
                          "quiet (other processes < 0.3 cores); 0: never wait")
-    ap.add_argument("--parity-steps", type=int, default=5, help="0: no parity check")
+    ap.add_argument("--parity-steps", type=int, default=3, help="0: no parity check")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny: workload smoke, 6 steps, 1 repeat, parity 2 steps")
     args = ap.parse_args(argv)
@@ -457,6 +457,8 @@ def main(argv=None) -> int:
         pc = dict(common, steps=args.parity_steps)
         for mode in modes:
             print(f"[compare] parity {mode}", file=sys.stderr)
+            if args.settle > 0:
+                settle(args.settle)
             a = trl_run(trl_py, assets_dir, mode, work / "parity" / f"trl_{mode}", data=pfile, **pc)
             # eval_split set: tr-align reads the whole file for both splits (files have no
             # splits), so all 8 pairs train, as in TRL
@@ -495,9 +497,23 @@ def main(argv=None) -> int:
             s = summarize_run(rec, steps, args.steps)
             s.update(system=sysname, mode=mode, repeat=rep, settle_wait_s=waited)
             runs.append(s)
+            write_results(args, manifest, pairs, tokens, assets_dir, steps, max_length, order,
+                          runs, parity, token_checks, notes, trl_versions, final=False)
             print(f"[compare]   {s['steps_per_s']} steps/s, {s['tokens_per_s']} tok/s, "
                   f"{s['peak_rss_mib']} MiB, foreign {s['foreign_cpu_cores']}", file=sys.stderr)
 
+    write_results(args, manifest, pairs, tokens, assets_dir, steps, max_length, order, runs,
+                  parity, token_checks, notes, trl_versions, final=True)
+    return 0
+
+
+def write_results(args, manifest, pairs, tokens, assets_dir, steps, max_length, order, runs,
+                  parity, token_checks, notes, trl_versions, *, final):
+    """Writes OUT/<workload>.json and .md (also after each run: an interrupted comparison
+    keeps what it measured, marked incomplete)."""
+    notes = list(notes)
+    if not final:
+        notes.insert(0, f"INCOMPLETE: {len(runs)} of {args.repeats * len(order)} runs so far.")
     if any(token_checks):
         notes.append(f"token-count check failed in {sum(token_checks)} steps (see runs)")
     notes.append(
@@ -546,8 +562,7 @@ def main(argv=None) -> int:
     (args.out / f"{args.workload}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
     (args.out / f"{args.workload}.md").write_text(md)
-    print(md)
-    return 0
+
 
 
 if __name__ == "__main__":
