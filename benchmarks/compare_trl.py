@@ -339,7 +339,7 @@ def markdown(res: dict) -> str:
         f"Work: {w['n_params']:,}-parameter Llama, {w['pairs']} pairs, {w['batch']} pairs/step, "
         f"{w['steps']} steps, timed steps {w['timed_steps']}; data: {w['lengths']}. Expected "
         f"real tokens per step from the data: {w['tokens']['expected_tokens_per_step']:,.0f}. "
-        f"Repeats: {res['repeats']}, order per round: {', '.join(res['order'])}.",
+        f"Rounds: {res.get('rounds_done', res['repeats'])} of {res['repeats']}, order per round: {', '.join(res['order'])}.",
         "",
         "| system | mode | steps/s | median step ms | real tok/s | padded tok/s | real tok/step "
         "| padded tok/step | peak RSS MiB | foreign cores | loss steps 1-5 | loss last |",
@@ -551,6 +551,7 @@ def write_results(args, manifest, pairs, tokens, assets_dir, steps, max_length, 
         },
         "machine": machine(args.tr_align_python, trl_versions),
         "repeats": args.repeats,
+        "rounds_done": len(runs) // max(1, len(order)),
         "order": [f"{s} {m}" for s, m in order],
         "summary": aggregate(runs),
         "parity": parity,
