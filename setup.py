@@ -37,6 +37,19 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9.6"],
         # tr-align frontier: the movie-review corpus (gensim's test data) and the gold reward
         "frontier": ["gensim>=4.3", "vaderSentiment>=3.3"],
+        # benchmarks/compare_trl.py's TRL side (benchmarks/trl_runner.py), pinned to the versions
+        # the comparison was measured with. CPU torch: pip resolves torch==2.13.0 to a CUDA build
+        # on Linux unless given the CPU index, e.g.
+        #   pip install -e '.[bench]' --extra-index-url https://download.pytorch.org/whl/cpu
+        # (or keep TRL in a venv of its own and pass --trl-python; see benchmarks/README.md)
+        "bench": [
+            "torch==2.13.0",
+            "trl==1.16.0",
+            "transformers==5.23.0",
+            "datasets==5.2.0",
+            "accelerate==1.15.0",
+            "tokenizers==0.23.3",
+        ],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",

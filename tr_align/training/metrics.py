@@ -1,6 +1,9 @@
 """Metric sinks: ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard.
 
-Only process 0 writes. On resume, records past the restored step are dropped
+Every record carries ``time``: the wall-clock (``time.time()``) at which it was written.
+The loop fetches a step's metrics from the device while the next step runs, so for train
+records this is when that step's results reached the host (consecutive differences are
+step intervals). Only process 0 writes. On resume, records past the restored step are dropped
 from ``metrics.jsonl`` (and purged from TensorBoard) so the files read as one
 uninterrupted run.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import numpy as np
 
@@ -52,10 +56,11 @@ class MetricWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        record["time"] = round(time.time(), 6)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
+            if k not in ("step", "time") and isinstance(v, (int, float)):
                 self._tb.add_scalar(k, v, int(step))
 
     def close(self) -> None:
