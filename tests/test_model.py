@@ -273,6 +273,26 @@ def test_segment_ids_equal_attention_mask_and_numpy_reference():
     assert real.sum() == 11
 
 
+@pytest.mark.parametrize("t", [64, 65, 200])
+def test_blocked_causal_attention_equals_full(t):
+    """common.attention(causal=True) takes the queries in blocks (keys up to the block's end
+    only); on a causal packed mask it equals the one-block computation, GQA included."""
+    from tr_align.models import common
+
+    rng = np.random.default_rng(0)
+    b, h, kv, e = 2, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, e)), jnp.float32) for n in (h, kv, kv))
+    seg = np.sort(rng.integers(1, 4, (b, t)), axis=1)
+    seg[1, -10:] = 0  # padding
+    br = np.zeros((b, t), np.int32)
+    br[0, t // 2 :] = 1 + (np.arange(t - t // 2) >= (t - t // 2) // 2)
+    mask, _ = common.plain_mask((b, t), None, None, jnp.asarray(seg), jnp.asarray(br))
+    full = np.asarray(common.attention(q, k, v, mask))
+    blocked = np.asarray(jax.jit(functools.partial(common.attention, causal=True))(q, k, v, mask))
+    np.testing.assert_allclose(blocked, full, atol=1e-5, rtol=1e-5)
+    assert np.abs(full[:, 1:] - full[:, :-1]).max() > 0.1  # not a constant output
+
+
 def test_gqa_equals_mha_with_repeated_kv():
     cfg_gqa = llama_config()
     cfg_mha = llama_config(num_key_value_heads=H)

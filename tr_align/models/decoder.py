@@ -158,7 +158,7 @@ class Attention(nn.Module):
                 "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
             }
             k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
-        out_BTHE = common.attention(q, k, v, mask_BTS)
+        out_BTHE = common.attention(q, k, v, mask_BTS, causal=cache is None)
         proj = dense(cfg, cfg.hidden_size, fam.out_proj_name, fam.out_bias(cfg))
         out = proj(out_BTHE.reshape(b, t, -1))
         return out if cache is None else (out, cache)
