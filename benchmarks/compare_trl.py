@@ -525,7 +525,7 @@ def write_results(args, manifest, pairs, tokens, assets_dir, steps, max_length, 
     notes.append(
         "Real tokens: non-pad tokens of the step's chosen and rejected rows (prompt + completion "
         "+ EOS). TRL: its batch's attention mask (checked against the data tokenized here). "
-        "tr-align: data/padding_efficiency x 2 x batch x data/length from metrics.jsonl. The two "
+        "tr-align: data/real_tokens (and data/rows x data/length padded) from metrics.jsonl. The two "
         "systems draw their batches in their own random orders, so per-step counts differ; "
         "tr-align holds out 1 pair for its (unavoidable) eval, TRL trains on all."
     )

@@ -110,15 +110,19 @@ def tr_align_steps(records: list[dict], batch_size: int) -> dict:
     """Per-step end times, losses, learning rates and token counts from metrics.jsonl records.
 
     Train records are those with ``loss`` (eval records have ``eval/...`` keys only). Real
-    tokens = ``data/padding_efficiency`` x padded tokens, padded = 2 x batch_size x
-    ``data/length``; when a record lacks those fields, or the product is not a whole number
-    (the layout is not rows padded to one length), the counts are None."""
+    tokens = ``data/real_tokens`` (prompt + completion of every chosen and rejected sequence,
+    whatever the layout); padded = ``data/rows`` x ``data/length`` (the positions the step
+    computes). Older logs without those fields: real = ``data/padding_efficiency`` x 2 x
+    batch_size x ``data/length`` (rows padded to one length). Missing fields: None."""
     train = {r["step"]: r for r in records if "loss" in r}
     if train and any("time" not in r for r in train.values()):
         raise ValueError("metrics.jsonl train records have no 'time' field (tr_align too old?)")
     real, padded = {}, {}
     for s, r in train.items():
         eff, length = r.get("data/padding_efficiency"), r.get("data/length")
+        if "data/real_tokens" in r and "data/rows" in r:
+            real[s], padded[s] = int(r["data/real_tokens"]), int(r["data/rows"]) * int(length)
+            continue
         if eff is None or length is None:
             real = padded = None
             break
