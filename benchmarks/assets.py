@@ -99,8 +99,7 @@ BASE_VERBS = (
     "build study move count"
 ).split()
 ADJECTIVES = (
-    "old new tiny huge quiet noisy cheap rusty shiny broken careful patient bright muddy "
-    "wooden"
+    "old new tiny huge quiet noisy cheap rusty shiny broken careful patient bright muddy wooden"
 ).split()
 LINKS = "and then because while so but".split()
 PLACES = "market station kitchen village workshop library beach forest office".split()
@@ -114,8 +113,12 @@ def _pseudo_words(n: int, seed: int = 7) -> list[str]:
     codas = ["", "", "n", "r", "l", "s", "t", "m", "k", "nd", "st"]
     out = set()
     while len(out) < n:
-        out.add("".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
-                        for _ in range(rng.randint(1, 3))))
+        out.add(
+            "".join(
+                rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
+                for _ in range(rng.randint(1, 3))
+            )
+        )
     return sorted(out)
 
 
@@ -363,8 +366,12 @@ def write_model(out_dir: Path, wl: Workload, seed: int = 0) -> int:
 
 
 def _stats(xs):
-    return {"min": min(xs), "max": max(xs), "mean": round(statistics.fmean(xs), 1),
-            "median": statistics.median(xs)}
+    return {
+        "min": min(xs),
+        "max": max(xs),
+        "mean": round(statistics.fmean(xs), 1),
+        "median": statistics.median(xs),
+    }
 
 
 def _sha256(path: Path) -> str:
@@ -396,8 +403,9 @@ def build(out: Path, workload: str) -> dict:
             "row_with_eos": _stats([p + c + 1 for p, c in zip(pl + pl, cl + rl)]),
         },
         "sha256": {
-            str(p.relative_to(out)): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file()
-            and p.name != "manifest.json"
+            str(p.relative_to(out)): _sha256(p)
+            for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"
         },
     }
     with open(out / "manifest.json", "w") as f:

@@ -168,8 +168,20 @@ def _tail(path: Path, n: int = 15) -> str:
 
 
 def trl_run(py, assets_dir, mode, work, *, steps, batch, max_length, data=None) -> dict:
-    cmd = [py, str(HERE / "trl_runner.py"), "--assets", str(assets_dir), "--mode", mode,
-           "--steps", str(steps), "--batch", str(batch), "--max-length", str(max_length)]
+    cmd = [
+        py,
+        str(HERE / "trl_runner.py"),
+        "--assets",
+        str(assets_dir),
+        "--mode",
+        mode,
+        "--steps",
+        str(steps),
+        "--batch",
+        str(batch),
+        "--max-length",
+        str(max_length),
+    ]
     if data:
         cmd += ["--data", str(data)]
     p = run_process(cmd, work / "log")
@@ -185,21 +197,42 @@ def trl_run(py, assets_dir, mode, work, *, steps, batch, max_length, data=None) 
     return rec
 
 
-def tr_align_run(py, assets_dir, mode, work, *, steps, batch, max_length, max_prompt_length,
-                 cache_dir, data=None, extra=()) -> dict:
+def tr_align_run(
+    py,
+    assets_dir,
+    mode,
+    work,
+    *,
+    steps,
+    batch,
+    max_length,
+    max_prompt_length,
+    cache_dir,
+    data=None,
+    extra=(),
+) -> dict:
     workdir = work / "workdir"
     if workdir.exists():  # a fresh run, never a resume
         import shutil
 
         shutil.rmtree(workdir)
-    cmd = [py, "-m", "tr_align", "train", f"--config={CONFIG}:{mode}", f"--workdir={workdir}",
-           f"--config.model.pretrained={assets_dir / 'model'}",
-           f"--config.data.tokenizer={assets_dir / 'tokenizer'}",
-           f"--config.data.path={data or assets_dir / 'prefs.jsonl'}",
-           f"--config.data.cache_dir={cache_dir}",
-           f"--config.data.max_length={max_length}",
-           f"--config.data.max_prompt_length={max_prompt_length}",
-           f"--config.train.steps={steps}", f"--config.train.batch_size={batch}", *extra]
+    cmd = [
+        py,
+        "-m",
+        "tr_align",
+        "train",
+        f"--config={CONFIG}:{mode}",
+        f"--workdir={workdir}",
+        f"--config.model.pretrained={assets_dir / 'model'}",
+        f"--config.data.tokenizer={assets_dir / 'tokenizer'}",
+        f"--config.data.path={data or assets_dir / 'prefs.jsonl'}",
+        f"--config.data.cache_dir={cache_dir}",
+        f"--config.data.max_length={max_length}",
+        f"--config.data.max_prompt_length={max_prompt_length}",
+        f"--config.train.steps={steps}",
+        f"--config.train.batch_size={batch}",
+        *extra,
+    ]
     p = run_process(cmd, work / "log")
     if p["rc"] != 0:
         raise RuntimeError(f"tr-align {mode} failed (rc {p['rc']}):\n{_tail(p['stderr'])}")
@@ -241,9 +274,15 @@ def machine(tr_py: str, trl_versions: dict | None) -> dict:
     except OSError:
         pass
     vers = subprocess.run(
-        [tr_py, "-c", "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) "
-         "for p in ['jax', 'jaxlib', 'flax', 'optax', 'transformers']}))"],
-        capture_output=True, text=True, env=child_env(),
+        [
+            tr_py,
+            "-c",
+            "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) "
+            "for p in ['jax', 'jaxlib', 'flax', 'optax', 'transformers']}))",
+        ],
+        capture_output=True,
+        text=True,
+        env=child_env(),
     )
     try:
         tr_versions = json.loads(vers.stdout.strip().splitlines()[-1])
@@ -257,7 +296,7 @@ def machine(tr_py: str, trl_versions: dict | None) -> dict:
         "tr_align_side": tr_versions,
         "trl_side": trl_versions,
         "threads": f"torch.set_num_threads({THREADS}); XLA CPU: its default thread pool "
-                   f"(all {os.cpu_count()} cores), one CPU device",
+        f"(all {os.cpu_count()} cores), one CPU device",
         "xla_flags": child_env().get("XLA_FLAGS", ""),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -363,17 +402,27 @@ def markdown(res: dict) -> str:
         lines.append(f"| {k} | {v} |")
     par = res.get("parity")
     if par:
-        lines += ["", f"Parity ({par['pairs']} pairs, {par['steps']} steps: both systems train on the "
-                  "same batch every step):", "", "| mode | TRL losses | tr_align losses | max abs diff |",
-                  "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"Parity ({par['pairs']} pairs, {par['steps']} steps: both systems train on the "
+            "same batch every step):",
+            "",
+            "| mode | TRL losses | tr_align losses | max abs diff |",
+            "| --- | --- | --- | --- |",
+        ]
         for mode, p in par["modes"].items():
             lines.append(
                 f"| {mode} | {', '.join(f'{x:.6f}' for x in p['trl'])} | "
                 f"{', '.join(f'{x:.6f}' for x in p['tr_align'])} | {p['max_abs_diff']:.2e} |"
             )
-    lines += ["", "Per run (in run order):", "",
-              "| # | system | mode | steps/s | mean steps/s | real tok/s | peak RSS MiB | wall s "
-              "| foreign cores | slow steps |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "Per run (in run order):",
+        "",
+        "| # | system | mode | steps/s | mean steps/s | real tok/s | peak RSS MiB | wall s "
+        "| foreign cores | slow steps |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for i, r in enumerate(res["runs"], 1):
         lines.append(
             f"| {i} | {r['system']} | {r['mode']} | {fmt(r['steps_per_s'], 3)} | "
@@ -390,13 +439,20 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--workload", choices=sorted(assets_lib.WORKLOADS), default="trl")
-    ap.add_argument("--assets", type=Path, default=None,
-                    help="read the work from DIR (model/, tokenizer/, prefs.jsonl), building it "
-                         "there when absent (default: WORK/assets)")
-    ap.add_argument("--work", type=Path, default=None,
-                    help="scratch folder (default benchmarks/.work/WORKLOAD)")
+    ap.add_argument(
+        "--assets",
+        type=Path,
+        default=None,
+        help="read the work from DIR (model/, tokenizer/, prefs.jsonl), building it "
+        "there when absent (default: WORK/assets)",
+    )
+    ap.add_argument(
+        "--work", type=Path, default=None, help="scratch folder (default benchmarks/.work/WORKLOAD)"
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=40)
@@ -406,12 +462,19 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="dpo,trdpo")
     ap.add_argument("--trl-python", default=None)
     ap.add_argument("--tr-align-python", default=sys.executable)
-    ap.add_argument("--settle", type=float, default=300.0,
-                    help="before each run, wait up to this many seconds for the machine to be "
-                         "quiet (other processes < 0.3 cores); 0: never wait")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=300.0,
+        help="before each run, wait up to this many seconds for the machine to be "
+        "quiet (other processes < 0.3 cores); 0: never wait",
+    )
     ap.add_argument("--parity-steps", type=int, default=3, help="0: no parity check")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny: workload smoke, 6 steps, 1 repeat, parity 2 steps")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny: workload smoke, 6 steps, 1 repeat, parity 2 steps",
+    )
     args = ap.parse_args(argv)
     if args.smoke:
         args.workload, args.steps, args.warmup, args.repeats = "smoke", 6, 2, 1
@@ -462,9 +525,15 @@ def main(argv=None) -> int:
             a = trl_run(trl_py, assets_dir, mode, work / "parity" / f"trl_{mode}", data=pfile, **pc)
             # eval_split set: tr-align reads the whole file for both splits (files have no
             # splits), so all 8 pairs train, as in TRL
-            b = tr_align_run(args.tr_align_python, assets_dir, mode, work / "parity" / f"tra_{mode}",
-                             data=pfile, extra=["--config.data.eval_split=train"],
-                             **dict(tra_common, steps=args.parity_steps))
+            b = tr_align_run(
+                args.tr_align_python,
+                assets_dir,
+                mode,
+                work / "parity" / f"tra_{mode}",
+                data=pfile,
+                extra=["--config.data.eval_split=train"],
+                **dict(tra_common, steps=args.parity_steps),
+            )
             la = [a["loss"][k] for k in range(1, args.parity_steps + 1)]
             lb = [b["loss"][k] for k in range(1, args.parity_steps + 1)]
             parity["modes"][mode] = {
@@ -486,8 +555,11 @@ def main(argv=None) -> int:
                 rec = trl_run(trl_py, assets_dir, mode, rdir, **common)
                 trl_versions = rec["versions"]
                 # TRL's non-pad counts against the data's own (tokenized here)
-                bad = [s for s, idx in rec["pairs"].items()
-                       if -1 in idx or sum(sum(pair_tok[i]) for i in idx) != rec["real"][s]]
+                bad = [
+                    s
+                    for s, idx in rec["pairs"].items()
+                    if -1 in idx or sum(sum(pair_tok[i]) for i in idx) != rec["real"][s]
+                ]
                 token_checks.append(len(bad))
             else:
                 rec = tr_align_run(args.tr_align_python, assets_dir, mode, rdir, **tra_common)
@@ -497,18 +569,64 @@ def main(argv=None) -> int:
             s = summarize_run(rec, steps, args.steps)
             s.update(system=sysname, mode=mode, repeat=rep, settle_wait_s=waited)
             runs.append(s)
-            write_results(args, manifest, pairs, tokens, assets_dir, steps, max_length, order,
-                          runs, parity, token_checks, notes, trl_versions, final=False)
-            print(f"[compare]   {s['steps_per_s']} steps/s, {s['tokens_per_s']} tok/s, "
-                  f"{s['peak_rss_mib']} MiB, foreign {s['foreign_cpu_cores']}", file=sys.stderr)
+            write_results(
+                args,
+                manifest,
+                pairs,
+                tokens,
+                assets_dir,
+                steps,
+                max_length,
+                order,
+                runs,
+                parity,
+                token_checks,
+                notes,
+                trl_versions,
+                final=False,
+            )
+            print(
+                f"[compare]   {s['steps_per_s']} steps/s, {s['tokens_per_s']} tok/s, "
+                f"{s['peak_rss_mib']} MiB, foreign {s['foreign_cpu_cores']}",
+                file=sys.stderr,
+            )
 
-    write_results(args, manifest, pairs, tokens, assets_dir, steps, max_length, order, runs,
-                  parity, token_checks, notes, trl_versions, final=True)
+    write_results(
+        args,
+        manifest,
+        pairs,
+        tokens,
+        assets_dir,
+        steps,
+        max_length,
+        order,
+        runs,
+        parity,
+        token_checks,
+        notes,
+        trl_versions,
+        final=True,
+    )
     return 0
 
 
-def write_results(args, manifest, pairs, tokens, assets_dir, steps, max_length, order, runs,
-                  parity, token_checks, notes, trl_versions, *, final):
+def write_results(
+    args,
+    manifest,
+    pairs,
+    tokens,
+    assets_dir,
+    steps,
+    max_length,
+    order,
+    runs,
+    parity,
+    token_checks,
+    notes,
+    trl_versions,
+    *,
+    final,
+):
     """Writes OUT/<workload>.json and .md (also after each run: an interrupted comparison
     keeps what it measured, marked incomplete)."""
     notes = list(notes)
@@ -563,7 +681,6 @@ def write_results(args, manifest, pairs, tokens, assets_dir, steps, max_length, 
     (args.out / f"{args.workload}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
     (args.out / f"{args.workload}.md").write_text(md)
-
 
 
 if __name__ == "__main__":

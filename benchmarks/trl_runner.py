@@ -148,7 +148,9 @@ def main(argv=None) -> int:
             key_to_row[tuple(p + c)] = i
         trainer.add_callback(StepEnd())  # last: after SyncRefModelCallback
         names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
-        assert names[-1] == "StepEnd" and (("SyncRefModelCallback" in names) == (args.mode == "trdpo"))
+        assert names[-1] == "StepEnd" and (
+            ("SyncRefModelCallback" in names) == (args.mode == "trdpo")
+        )
         t0 = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - t0
@@ -164,8 +166,11 @@ def main(argv=None) -> int:
         train_wall_s=round(train_s, 2),
         startup_s=round(t0 - t_start, 2),
         self_peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        versions={"torch": torch.__version__, "trl": trl.__version__,
-                  "transformers": transformers.__version__},
+        versions={
+            "torch": torch.__version__,
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+        },
     )
     out.write(json.dumps(rec) + "\n")
     out.flush()

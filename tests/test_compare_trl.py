@@ -64,14 +64,17 @@ def test_pair_tokens_counts_prompt_completion_and_one_eos():
     assert measure.pair_tokens(rows, encode, eos_id=2) == [(6, 5), (5, 3), (11, 8)]
     assert measure.pair_tokens(rows, encode, eos_id=2, max_length=8)[2] == (8, 8)
     d = measure.dataset_tokens([(6, 5), (5, 3)], batch_size=8)
-    assert d == {"mean_tokens_per_pair": 9.5, "expected_tokens_per_step": 76.0,
-                 "min_tokens_per_step": 64, "max_tokens_per_step": 88}
+    assert d == {
+        "mean_tokens_per_pair": 9.5,
+        "expected_tokens_per_step": 76.0,
+        "min_tokens_per_step": 64,
+        "max_tokens_per_step": 88,
+    }
 
 
 def test_pair_tokens_with_the_benchmark_tokenizer(tmp_path):
     """The real tokenizer of the smoke workload: lengths add up, as the builder promises."""
     import assets
-
     from transformers import AutoTokenizer
 
     wl = assets.WORKLOADS["smoke"]
@@ -88,10 +91,22 @@ def test_pair_tokens_with_the_benchmark_tokenizer(tmp_path):
 def test_tr_align_steps_from_metrics_records():
     recs = [
         {"step": 0, "eval/loss": 0.69, "time": 99.0},  # eval records are not steps
-        {"step": 1, "loss": 0.6931, "learning_rate": 1e-5, "time": 100.0,
-         "data/padding_efficiency": 300 / 1024, "data/length": 64},
-        {"step": 2, "loss": 0.69, "learning_rate": 9e-6, "time": 100.5,
-         "data/padding_efficiency": 1000 / 2048, "data/length": 128},
+        {
+            "step": 1,
+            "loss": 0.6931,
+            "learning_rate": 1e-5,
+            "time": 100.0,
+            "data/padding_efficiency": 300 / 1024,
+            "data/length": 64,
+        },
+        {
+            "step": 2,
+            "loss": 0.69,
+            "learning_rate": 9e-6,
+            "time": 100.5,
+            "data/padding_efficiency": 1000 / 2048,
+            "data/length": 128,
+        },
     ]
     d = measure.tr_align_steps(recs, batch_size=8)
     assert d["step_end"] == {1: 100.0, 2: 100.5}
@@ -109,9 +124,18 @@ def test_tr_align_steps_from_metrics_records():
 def test_smoke_run_writes_results(tmp_path):
     out = tmp_path / "results"
     r = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "compare_trl.py"), "--smoke",
-         "--out", str(out), "--work", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "compare_trl.py"),
+            "--smoke",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "smoke.json").read_text())
