@@ -147,7 +147,9 @@ def test_smoke_run_writes_results(tmp_path):
     assert {"tr_align/dpo", "tr_align/trdpo"} <= set(by_run)
     for key, a in by_run.items():
         assert a["steps_per_s"] > 0 and a["tokens_per_s"] > 0 and a["peak_rss_mib"] > 50
-        assert a["padded_tokens_per_s"] >= a["tokens_per_s"]
+        # prefix sharing (the default layout) computes fewer positions than the real tokens
+        # it stands for (the prompt once per pair), so only a positive count is checked
+        assert a["padded_tokens_per_s"] > 0
         assert math.isclose(a["loss_first5"][0], math.log(2), abs_tol=1e-5), key
     assert "tr_align trdpo/dpo step time" in res["summary"]["ratios"]
     assert res["workload"]["timed_steps"] == "3-6" and res["token_check_failures"] == 0

@@ -132,7 +132,7 @@ def test_sigint_finishes_the_step_and_checkpoints(tiny_config, tmp_path, monkeyp
     real_put = sharding.put_batch
 
     def put_and_interrupt(batch, mesh):
-        if "rejected_loss_mask" in batch and "weight" not in batch:  # a train batch
+        if ("rejected_loss_mask" in batch or "seq_ids" in batch) and "weight" not in batch:
             calls["n"] += 1
             if calls["n"] == 3:
                 os.kill(os.getpid(), signal.SIGINT)
