@@ -546,6 +546,11 @@ def main(argv=None) -> int:
     steps = measure.timed_steps(args.steps, args.warmup)
     order = [(s, m) for s in SYSTEMS if s in systems for m in modes]
     runs, trl_versions, token_checks = [], None, []
+
+    def write(final):  # reads the current runs / trl_versions at each call
+        write_results(args, manifest, pairs, tokens, assets_dir, steps, max_length, order,
+                      runs, parity, token_checks, notes, trl_versions, final=final)  # fmt: skip
+
     for rep in range(1, args.repeats + 1):
         for sysname, mode in order:
             print(f"[compare] round {rep}/{args.repeats}: {sysname} {mode}", file=sys.stderr)
@@ -569,44 +574,14 @@ def main(argv=None) -> int:
             s = summarize_run(rec, steps, args.steps)
             s.update(system=sysname, mode=mode, repeat=rep, settle_wait_s=waited)
             runs.append(s)
-            write_results(
-                args,
-                manifest,
-                pairs,
-                tokens,
-                assets_dir,
-                steps,
-                max_length,
-                order,
-                runs,
-                parity,
-                token_checks,
-                notes,
-                trl_versions,
-                final=False,
-            )
+            write(final=False)
             print(
                 f"[compare]   {s['steps_per_s']} steps/s, {s['tokens_per_s']} tok/s, "
                 f"{s['peak_rss_mib']} MiB, foreign {s['foreign_cpu_cores']}",
                 file=sys.stderr,
             )
 
-    write_results(
-        args,
-        manifest,
-        pairs,
-        tokens,
-        assets_dir,
-        steps,
-        max_length,
-        order,
-        runs,
-        parity,
-        token_checks,
-        notes,
-        trl_versions,
-        final=True,
-    )
+    write(final=True)
     return 0
 
 
