@@ -379,8 +379,12 @@ def _sha256(path: Path) -> str:
 
 
 def build(out: Path, workload: str) -> dict:
-    """Writes the workload's assets under ``out``; returns the manifest."""
-    wl = WORKLOADS[workload]
+    """Writes the assets of the named workload (``WORKLOADS``) under ``out``; returns the manifest."""
+    return build_workload(out, WORKLOADS[workload])
+
+
+def build_workload(out: Path, wl: Workload) -> dict:
+    """Writes ``wl``'s assets under ``out``; returns the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(out / "tokenizer", wl)

@@ -158,3 +158,25 @@ def test_smoke_run_writes_results(tmp_path):
         assert "tr_align/trl dpo" in res["summary"]["ratios"]
         for p in res["parity"]["modes"].values():
             assert p["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.slow
+def test_scaling_smoke_run_writes_results(tmp_path):
+    """benchmarks/scaling.py end to end on the smoke workload, two layouts."""
+    out = tmp_path / "results"
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--smoke", "--out", str(out),
+         "--work", str(tmp_path / "work"), "--layouts", "none,prefix_shared"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "scaling_smoke.json").read_text())
+    assert (out / "scaling_smoke.md").read_text().startswith("# tr-align step time and memory")
+    runs = {x["layout"]: x for x in res["runs"]}
+    assert set(runs) == {"none", "prefix_shared"}
+    for x in runs.values():
+        assert x["step_s"] > 0 and x["tokens_per_s"] > 0 and x["peak_rss_mib"] > 50
+    # the same pairs in the same order (the order depends on the seed only), so the same real
+    # tokens per step whatever the layout; on these pairs sharing the prompt computes no more
+    assert runs["none"]["real_tokens_per_step"] == runs["prefix_shared"]["real_tokens_per_step"]
+    assert runs["prefix_shared"]["padded_tokens_per_step"] <= runs["none"]["padded_tokens_per_step"]
