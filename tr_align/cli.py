@@ -80,6 +80,7 @@ ERRORS = (
     (errors.DistributedSetupError, "distributed setup", 2),
     (errors.RunDirError, None, 2),
     (errors.ModelNotFoundError, None, 2),
+    (errors.ModelError, "model error", 2),
     (errors.MissingDependencyError, None, 2),
     (errors.RemoteError, None, 2),
     # errors.NonFiniteError; the training loop still raises the built-in FloatingPointError
