@@ -7,6 +7,7 @@ the code's own output. Example counts are small and deadlines off, so the whole 
 well under a minute on 2 CPU cores.
 """
 
+import functools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ FUZZ = settings(
     derandomize=True,  # the same examples every run: a failure reproduces, CI never flakes
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+FUZZ_EACH = settings(FUZZ, max_examples=8)  # per loss type: 14 of them
 
 # --------------------------------------------------------------------------------------- losses
 
@@ -45,22 +47,35 @@ LOGPS = st.floats(min_value=-BIG, max_value=0.0, allow_nan=False, width=32)
 BETAS = st.floats(min_value=1e-6, max_value=1e3)
 
 
+B = 3  # one batch size: one compiled program per loss type and dtype
+
+
 @st.composite
 def logps_batch(draw, max_abs=None):
-    b = draw(st.integers(1, 4))
     elems = LOGPS if max_abs is None else st.floats(-max_abs, 0.0, width=32)
-    # mix ordinary and extreme magnitudes
-    return [
-        np.asarray(draw(st.lists(elems, min_size=b, max_size=b)), np.float32) for _ in range(4)
-    ]
+    return [np.asarray(draw(st.lists(elems, min_size=B, max_size=B)), np.float32) for _ in range(4)]
 
 
 def _all_finite(tree):
     return all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in jax.tree.leaves(tree))
 
 
+@functools.lru_cache(maxsize=None)
+def _loss_and_grads(loss_type):
+    """jit(value_and_grad) of the batch-mean loss; the hyper-parameters are traced float32
+    scalars (the array path of ``preference_loss``), so one program serves every example."""
+
+    def mean_loss(pc, pr, rc, rr, beta, ls, tau):
+        out, _, _ = losses.preference_loss(
+            loss_type, pc, pr, rc, rr, beta=beta, label_smoothing=ls, discopop_tau=tau
+        )
+        return out.mean()
+
+    return jax.jit(jax.value_and_grad(mean_loss, argnums=(0, 1, 2, 3)))
+
+
 @pytest.mark.parametrize("loss_type", losses.LOSS_TYPES)
-@FUZZ
+@FUZZ_EACH
 @given(
     x=logps_batch(),
     beta=BETAS,
@@ -70,14 +85,8 @@ def _all_finite(tree):
 )
 def test_losses_and_gradients_are_finite_for_extreme_logps(loss_type, x, beta, ls, tau, dtype):
     inputs = [jnp.asarray(v, dtype) for v in x]
-
-    def mean_loss(*a):
-        out, _, _ = losses.preference_loss(
-            loss_type, *a, beta=beta, label_smoothing=ls, discopop_tau=tau
-        )
-        return out.mean()
-
-    value, grads = jax.value_and_grad(mean_loss, argnums=(0, 1, 2, 3))(*inputs)
+    hparams = [jnp.float32(v) for v in (beta, ls, tau)]
+    value, grads = _loss_and_grads(loss_type)(*inputs, *hparams)
     assert np.isfinite(float(value)), (loss_type, x, beta, ls)
     assert _all_finite(grads), (loss_type, x, beta, ls)
 
@@ -103,28 +112,28 @@ def test_squared_losses_in_low_precision_with_tiny_beta_match_float64(loss_type,
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-@FUZZ
-@given(
-    n=st.integers(1, 4),
-    data=st.data(),
-    beta=BETAS,
-    weights=st.tuples(st.floats(0.0, 10.0), st.floats(0.0, 10.0)),
-)
-def test_kto_losses_are_finite_for_extreme_logps(n, data, beta, weights):
-    arrays = [
-        jnp.asarray(data.draw(st.lists(LOGPS, min_size=n, max_size=n)), jnp.float32)
-        for _ in range(4)
-    ]
-    label = jnp.asarray(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
-
+@jax.jit
+def _kto_loss_and_grads(p, r, pk, rk, label, beta, wd, wu):
     def mean_loss(p, r, pk, rk):
         out, _, _ = losses.kto_loss_labeled(
-            p, r, pk, rk, label, beta=beta, desirable_weight=weights[0],
-            undesirable_weight=weights[1],
+            p, r, pk, rk, label, beta=beta, desirable_weight=wd, undesirable_weight=wu
         )
         return out.mean()
 
-    value, grads = jax.value_and_grad(mean_loss, argnums=(0, 1, 2, 3))(*arrays)
+    return jax.value_and_grad(mean_loss, argnums=(0, 1, 2, 3))(p, r, pk, rk)
+
+
+@FUZZ
+@given(
+    x=logps_batch(),
+    label=st.lists(st.booleans(), min_size=B, max_size=B),
+    beta=BETAS,
+    weights=st.tuples(st.floats(0.0, 10.0), st.floats(0.0, 10.0)),
+)
+def test_kto_losses_are_finite_for_extreme_logps(x, label, beta, weights):
+    value, grads = _kto_loss_and_grads(
+        *map(jnp.asarray, x), jnp.asarray(label), *map(jnp.float32, (beta, *weights))
+    )
     assert np.isfinite(float(value)) and _all_finite(grads)
 
 
@@ -262,7 +271,7 @@ def _write(text, suffix=".jsonl"):
 @FUZZ
 @given(
     rows=st.lists(st.tuples(st.booleans(), st.one_of(good_rows(), any_rows())), min_size=1,
-                  max_size=12),
+                  max_size=8),
     ascii_only=st.booleans(),
 )
 def test_rows_load_exactly_and_no_good_row_is_lost_to_a_neighbour(rows, ascii_only):

@@ -17,8 +17,10 @@ Conventions
   in ``1 / (2 beta)``).
 * Range: for per-sequence logps of any float dtype with |logp| up to 1e30 (far
   beyond any real model's, and representable in bfloat16 and float32) and
-  ``beta`` in [1e-6, 1e3], every loss and its gradient are finite (tested with
-  hypothesis, tests/test_fuzz.py). The squared losses (``ipo``, ``sppo_hard``)
+  ``beta`` in [1e-6, 1e3] (``label_smoothing`` in [0, 0.5), ``discopop_tau`` in
+  (0, 1]: above 1 DiscoPOP's ``exp(-z) m`` term grows exponentially), every loss and
+  its gradient are finite (tested with hypothesis, tests/test_fuzz.py; the KTO losses
+  too, for weights >= 0). The squared losses (``ipo``, ``sppo_hard``)
   would overflow float32 beyond a margin of ~1.8e19: their value saturates at
   float32-max / B (B = batch size, so ``losses.mean()`` stays finite) while their
   gradient stays the exact ``2 * margin``. Beyond that range the scaled margins
