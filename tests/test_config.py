@@ -193,11 +193,12 @@ def test_both_kto_weights_zero_and_too_few_synthetic_prompts(tiny_config):
     config_lib.validate(tiny_config(**{"loss.desirable_weight": 0.0}), num_devices=8)
     # 4 content tokens, prompts of exactly 2 tokens: 16 distinct prompts for 256 + 64 examples
     # (the generator would loop forever looking for new ones)
-    c = tiny_config(
-        **{"model.vocab_size": 7, "data.min_prompt_len": 2, "data.max_prompt_len": 2}
-    )
-    with pytest.raises(ConfigError, match=r"data\.num_train=256: with data\.num_eval=64 exceeds "
-                       r"the 16 distinct prompts"):
+    c = tiny_config(**{"model.vocab_size": 7, "data.min_prompt_len": 2, "data.max_prompt_len": 2})
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.num_train=256: with data\.num_eval=64 exceeds "
+        r"the 16 distinct prompts",
+    ):
         config_lib.validate(c, num_devices=8)
 
 
@@ -208,11 +209,19 @@ def test_max_grad_norm_zero_or_negative_still_means_off(tiny_config):
 
 def test_real_data_longer_than_the_model_context(tiny_config):
     c = tiny_config(
-        **{"data.source": "files", "data.path": "x.jsonl", "data.max_length": 128,
-           "data.max_prompt_length": 64, "model.max_position_embeddings": 64}
+        **{
+            "data.source": "files",
+            "data.path": "x.jsonl",
+            "data.max_length": 128,
+            "data.max_prompt_length": 64,
+            "model.max_position_embeddings": 64,
+        }
     )
-    with pytest.raises(ConfigError, match=r"data\.max_length=128: longer than "
-                       r"model\.max_position_embeddings=64"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.max_length=128: longer than "
+        r"model\.max_position_embeddings=64",
+    ):
         config_lib.validate(c, num_devices=8)
     # a pretrained model's context is checked once its config is read
     import types
@@ -220,8 +229,11 @@ def test_real_data_longer_than_the_model_context(tiny_config):
     c.model.max_position_embeddings = 128
     c.model.pretrained = "org/model"
     config_lib.check_model_fits_data(c, types.SimpleNamespace(max_position_embeddings=128))
-    with pytest.raises(ConfigError, match=r"longer than the context of model\.pretrained="
-                       r"'org/model'=100"):
+    with pytest.raises(
+        ConfigError,
+        match=r"longer than the context of model\.pretrained="
+        r"'org/model'=100",
+    ):
         config_lib.check_model_fits_data(c, types.SimpleNamespace(max_position_embeddings=100))
 
 

@@ -241,8 +241,7 @@ def test_bad_row_error_names_the_record(tmp_path, tok):
 def _mistyped_file(tmp_path, n=41, bad_line=5):
     """n rows whose texts look like numbers (" 42", "002"), row ``bad_line`` with "chosen": 5."""
     rows = [
-        {"prompt": f"Count {i}:", "chosen": f" {i:03d}", "rejected": f" {i + 1}"}
-        for i in range(n)
+        {"prompt": f"Count {i}:", "chosen": f" {i:03d}", "rejected": f" {i + 1}"} for i in range(n)
     ]
     rows[bad_line - 1]["chosen"] = 5
     path = tmp_path / "mistyped.jsonl"
@@ -279,14 +278,17 @@ def test_mistyped_row_error_names_its_own_line(tmp_path, tok):
 
 def test_no_usable_rows_names_the_file_and_the_first_bad_lines(tmp_path, tok):
     path = tmp_path / "numbers.jsonl"
-    path.write_text("".join(json.dumps({"prompt": i, "chosen": i, "rejected": 2}) + "\n"
-                            for i in range(4)))
+    path.write_text(
+        "".join(json.dumps({"prompt": i, "chosen": i, "rejected": 2}) + "\n" for i in range(4))
+    )
     c = data_config(tmp_path, "generic", **{"data.path": str(path)})
     with pytest.raises(DataError) as e:
         pipeline.load(c, tok, progress=False)
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg.startswith(f"{path} [train]: no usable rows (4 read, all bad: {{'missing_field': 4}}")
+    assert msg.startswith(
+        f"{path} [train]: no usable rows (4 read, all bad: {{'missing_field': 4}}"
+    )
     assert f"first: {path}:1: missing_field: " in msg
     assert f"{path}:3: missing_field" in msg and f"{path}:4:" not in msg  # the first three
 

@@ -60,7 +60,7 @@ def _all_finite(tree):
     return all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in jax.tree.leaves(tree))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loss_and_grads(loss_type):
     """jit(value_and_grad) of the batch-mean loss; the hyper-parameters are traced float32
     scalars (the array path of ``preference_loss``), so one program serves every example."""
@@ -202,11 +202,15 @@ def test_update_reference_refuses_int_leaves_and_shape_mismatches(trees, data):
     if which == "int":
         bad[i] = jnp.zeros(leaves[i].shape, data.draw(st.sampled_from([jnp.int32, jnp.uint8])))
         with pytest.raises(TypeError, match="needs floating-point parameters"):
-            trust_region.update_reference(jax.tree.unflatten(treedef, bad), pol, 1, alpha=0.5, tau=1)
+            trust_region.update_reference(
+                jax.tree.unflatten(treedef, bad), pol, 1, alpha=0.5, tau=1
+            )
     else:
         bad[i] = jnp.zeros((*leaves[i].shape, 2), leaves[i].dtype)  # broadcastable, still refused
         with pytest.raises(ValueError, match="in the reference but"):
-            trust_region.update_reference(pol, jax.tree.unflatten(treedef, bad), 1, alpha=0.5, tau=1)
+            trust_region.update_reference(
+                pol, jax.tree.unflatten(treedef, bad), 1, alpha=0.5, tau=1
+            )
 
 
 @FUZZ
@@ -237,8 +241,9 @@ JSON_VALUES = st.recursive(
     | st.text(max_size=8)
     # number-like strings, the values the datasets fallback used to turn into numbers
     | st.sampled_from([" 42", "002", "1e3", "-0", "true", "null", "NaN", " 7 "]),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=8,
 )
 GOOD_TEXT = st.text(min_size=1, max_size=10).filter(lambda s: s.strip())
@@ -270,8 +275,9 @@ def _write(text, suffix=".jsonl"):
 
 @FUZZ
 @given(
-    rows=st.lists(st.tuples(st.booleans(), st.one_of(good_rows(), any_rows())), min_size=1,
-                  max_size=8),
+    rows=st.lists(
+        st.tuples(st.booleans(), st.one_of(good_rows(), any_rows())), min_size=1, max_size=8
+    ),
     ascii_only=st.booleans(),
 )
 def test_rows_load_exactly_and_no_good_row_is_lost_to_a_neighbour(rows, ascii_only):
@@ -371,10 +377,16 @@ OVERRIDES = {
     ),
     "optimizer.max_grad_norm": (NAN | INF, st.floats(-10.0, 10.0)),
     "optimizer.learning_rate": (st.floats(max_value=0.0) | NAN | INF, st.floats(1e-8, 0.1)),
-    "optimizer.warmup_steps": (st.integers(7, 10**9) | st.integers(max_value=-1), st.integers(0, 6)),
+    "optimizer.warmup_steps": (
+        st.integers(7, 10**9) | st.integers(max_value=-1),
+        st.integers(0, 6),
+    ),
     "loss.beta": (st.floats(max_value=9.9e-7) | NAN | INF, st.floats(1e-6, 1e3)),
     "loss.discopop_tau": (st.floats(max_value=0.0) | NAN | INF, st.floats(1e-3, 10.0)),
-    "loss.label_smoothing": (st.floats(min_value=0.5) | st.floats(max_value=-1e-12), st.floats(0, 0.49)),
+    "loss.label_smoothing": (
+        st.floats(min_value=0.5) | st.floats(max_value=-1e-12),
+        st.floats(0, 0.49),
+    ),
     "loss.desirable_weight": (st.floats(max_value=-1e-12) | NAN | INF, st.floats(0.0, 10.0)),
     "trust_region.alpha": (
         st.floats(min_value=1.0 + 1e-9) | st.floats(max_value=-1e-12) | NAN,
@@ -382,7 +394,10 @@ OVERRIDES = {
     ),
     "trust_region.tau": (st.integers(max_value=0), st.integers(1, 2**62)),
     "train.steps": (st.integers(max_value=0), st.integers(6, 1000)),
-    "train.seed": (st.integers(max_value=-1) | st.integers(min_value=2**32), st.integers(0, 2**32 - 1)),
+    "train.seed": (
+        st.integers(max_value=-1) | st.integers(min_value=2**32),
+        st.integers(0, 2**32 - 1),
+    ),
     "data.num_train": (st.integers(max_value=0), st.integers(1, 4000)),
     "data.response_len": (st.integers(max_value=1), st.integers(2, 40)),
     "model.vocab_size": (st.integers(-5, 6), st.integers(7, 1000)),
@@ -400,10 +415,14 @@ def test_every_invalid_override_is_one_config_error_line_naming_the_key(key, dat
     message = str(e.value)
     assert "\n" not in message
     # the key itself, or the synthetic-length / prompt-count line that it makes invalid
-    assert message.startswith(f"{key}=") or (
-        key in ("model.max_position_embeddings", "model.vocab_size", "data.response_len")
-        and key.split(".")[1] in message
-    ) or (key == "data.num_train" and message.startswith("data.num_train"))
+    assert (
+        message.startswith(f"{key}=")
+        or (
+            key in ("model.max_position_embeddings", "model.vocab_size", "data.response_len")
+            and key.split(".")[1] in message
+        )
+        or (key == "data.num_train" and message.startswith("data.num_train"))
+    )
 
 
 @FUZZ

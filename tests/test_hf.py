@@ -263,7 +263,10 @@ def _shard_in_two(d):
     t = load_file(d / "model.safetensors")
     os.remove(d / "model.safetensors")
     names = sorted(t)
-    halves = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
+    halves = {
+        "model-00001-of-00002.safetensors": names[:10],
+        "model-00002-of-00002.safetensors": names[10:],
+    }
     weight_map = {}
     for file, part in halves.items():
         save_file({k: t[k] for k in part}, str(d / file))
@@ -327,7 +330,8 @@ CORRUPTIONS = {
     ),
     "garbled safetensors header": (
         lambda d: (d / "model.safetensors").write_bytes(
-            (d / "model.safetensors").read_bytes()[:8] + b"x" * 32
+            (d / "model.safetensors").read_bytes()[:8]
+            + b"x" * 32
             + (d / "model.safetensors").read_bytes()[40:]
         ),
         r"model\.safetensors: not a readable safetensors file",
@@ -361,7 +365,9 @@ CORRUPTIONS = {
         lambda d: (
             wm := _shard_in_two(d),
             (d / hf.INDEX_FILE).write_text(
-                json.dumps({"weight_map": {**wm, sorted(wm)[0]: "model-00002-of-00002.safetensors"}})
+                json.dumps(
+                    {"weight_map": {**wm, sorted(wm)[0]: "model-00002-of-00002.safetensors"}}
+                )
             ),
         ),
         r"model-00002-of-00002\.safetensors: has no tensor '.*' \(the index",

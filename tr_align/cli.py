@@ -101,9 +101,7 @@ def error_report(e: BaseException) -> tuple[str, int] | None:
 def _config_override_error(argv) -> str | None:
     """The first ``--config.KEY=...`` of ``argv`` whose KEY the config file lacks, as a
     one-line message (``config.unknown_key``), or None."""
-    overrides = [
-        a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")
-    ]
+    overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     if not overrides:
         return None
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)

@@ -188,7 +188,9 @@ def validate(config, num_devices: int) -> None:
         _check(_is_num(w) and w >= 0, key, w, "must be a number >= 0")
     if get_optional(config, "loss.desirable_weight") == 0:
         w = get_optional(config, "loss.undesirable_weight")
-        _check(w > 0, "loss.undesirable_weight", w, "and loss.desirable_weight are both 0 (no loss)")
+        _check(
+            w > 0, "loss.undesirable_weight", w, "and loss.desirable_weight are both 0 (no loss)"
+        )
     _check(
         _is_num(lo.label_smoothing) and 0 <= lo.label_smoothing < 0.5,
         "loss.label_smoothing",

@@ -163,7 +163,7 @@ def _tensor_files(path: str) -> dict[str, str]:
             isinstance(v, str) for v in weight_map.values()
         ):
             raise ModelError(
-                f"{index}: expected a \"weight_map\" object (tensor name -> shard file name)"
+                f'{index}: expected a "weight_map" object (tensor name -> shard file name)'
             )
         files = {name: os.path.join(path, file) for name, file in weight_map.items()}
         missing = sorted({f for f in files.values() if not os.path.isfile(f)})
