@@ -53,6 +53,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
+            "hypothesis>=6.100",  # tests/test_fuzz.py
             "tensorflow-datasets>=4.9.6",
             "gensim>=4.3",
             "vaderSentiment>=3.3",

@@ -11,6 +11,7 @@ from conftest import REPO
 
 TINY = [
     "--config.train.steps=4",
+    "--config.optimizer.warmup_steps=1",  # at most train.steps (config check)
     "--config.train.batch_size=8",
     "--config.train.eval_every_steps=2",
     "--config.checkpoint.every_steps=2",

@@ -135,3 +135,175 @@ def test_memory_levers_are_optional(tiny_config):
             == (config_lib.OPTIONAL_DEFAULTS[f"{block}.{key}"])
         )
     config_lib.validate(config, num_devices=8)
+
+
+# --- values that silently ruined a run or gave tracebacks (Reliability H) --------------------
+
+
+@pytest.mark.parametrize(
+    "key,value,pattern",
+    [
+        ("optimizer.eps", -1.0, r"optimizer\.eps=-1\.0: must be a number > 0"),
+        ("optimizer.eps", 0.0, r"optimizer\.eps=0\.0: must be a number > 0"),
+        ("loss.beta", 1e-45, r"loss\.beta=1e-45: must be >= 1e-06"),
+        ("optimizer.b1", 1.5, r"optimizer\.b1=1\.5: must be in \[0, 1\)"),
+        ("optimizer.b2", 1.0, r"optimizer\.b2=1\.0: must be in \[0, 1\)"),
+        ("optimizer.b1", -0.1, r"optimizer\.b1=-0\.1"),
+        ("optimizer.weight_decay", -1.0, r"optimizer\.weight_decay=-1\.0: must be a number >= 0"),
+        ("optimizer.end_lr_factor", 5.0, r"optimizer\.end_lr_factor=5\.0: must be in \[0, 1\]"),
+        ("optimizer.end_lr_factor", -0.5, r"optimizer\.end_lr_factor=-0\.5"),
+        ("loss.desirable_weight", -1.0, r"loss\.desirable_weight=-1\.0: must be a number >= 0"),
+        ("loss.undesirable_weight", -2, r"loss\.undesirable_weight=-2\.0: must be a number >= 0"),
+        ("optimizer.max_grad_norm", float("nan"), r"optimizer\.max_grad_norm=nan: must be finite"),
+        ("optimizer.max_grad_norm", float("inf"), r"optimizer\.max_grad_norm=inf"),
+        (
+            "optimizer.warmup_steps",
+            7,
+            r"optimizer\.warmup_steps=7: must be <= train\.steps=6",
+        ),
+        (
+            "model.max_position_embeddings",
+            15,
+            r"the synthetic sequence length .*=16: longer than model\.max_position_embeddings=15",
+        ),
+        ("loss.discopop_tau", 0.0, r"loss\.discopop_tau=0\.0: must be a number > 0"),
+        ("model.vocab_size", 2, r"model\.vocab_size=2: too small for the synthetic task"),
+        ("data.response_len", 0, r"data\.response_len=0: must be an integer >= 2"),
+        ("data.response_len", 1, r"data\.response_len=1"),
+        ("data.num_train", 0, r"data\.num_train=0: must be an integer >= 1"),
+        ("data.num_eval", 0, r"data\.num_eval=0: must be an integer >= 1"),
+        ("data.min_prompt_len", 0, r"data\.min_prompt_len=0: must be an integer >= 1"),
+        ("data.max_prompt_len", 3, r"data\.max_prompt_len=3: must be an integer >= "),
+        ("train.seed", -1, r"train\.seed=-1: must be an integer in \[0, 2\*\*32\)"),
+    ],
+)
+def test_ruinous_values_are_refused_in_one_line(tiny_config, key, value, pattern):
+    config = tiny_config(**{key: value})
+    with pytest.raises(
+        ConfigError, match=pattern.replace("must be finite", "must be a finite")
+    ) as err:
+        config_lib.validate(config, num_devices=8)
+    assert "\n" not in str(err.value)
+
+
+def test_both_kto_weights_zero_and_too_few_synthetic_prompts(tiny_config):
+    c = tiny_config(**{"loss.desirable_weight": 0.0, "loss.undesirable_weight": 0.0})
+    with pytest.raises(ConfigError, match=r"loss\.undesirable_weight=0\.0: and .* both 0"):
+        config_lib.validate(c, num_devices=8)
+    config_lib.validate(tiny_config(**{"loss.desirable_weight": 0.0}), num_devices=8)
+    # 4 content tokens, prompts of exactly 2 tokens: 16 distinct prompts for 256 + 64 examples
+    # (the generator would loop forever looking for new ones)
+    c = tiny_config(**{"model.vocab_size": 7, "data.min_prompt_len": 2, "data.max_prompt_len": 2})
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.num_train=256: with data\.num_eval=64 exceeds "
+        r"the 16 distinct prompts",
+    ):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_max_grad_norm_zero_or_negative_still_means_off(tiny_config):
+    for v in (0.0, -1.0, 0):
+        config_lib.validate(tiny_config(**{"optimizer.max_grad_norm": v}), num_devices=8)
+
+
+def test_real_data_longer_than_the_model_context(tiny_config):
+    c = tiny_config(
+        **{
+            "data.source": "files",
+            "data.path": "x.jsonl",
+            "data.max_length": 128,
+            "data.max_prompt_length": 64,
+            "model.max_position_embeddings": 64,
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.max_length=128: longer than "
+        r"model\.max_position_embeddings=64",
+    ):
+        config_lib.validate(c, num_devices=8)
+    # a pretrained model's context is checked once its config is read
+    import types
+
+    c.model.max_position_embeddings = 128
+    c.model.pretrained = "org/model"
+    config_lib.check_model_fits_data(c, types.SimpleNamespace(max_position_embeddings=128))
+    with pytest.raises(
+        ConfigError,
+        match=r"longer than the context of model\.pretrained="
+        r"'org/model'=100",
+    ):
+        config_lib.check_model_fits_data(c, types.SimpleNamespace(max_position_embeddings=100))
+
+
+def test_warmup_longer_than_an_epoch_based_run():
+    import ml_collections
+
+    from tr_align.training import optim
+
+    cfg = ml_collections.ConfigDict(
+        dict(learning_rate=1e-3, warmup_steps=50, schedule="linear", end_lr_factor=0.0)
+    )
+    assert float(optim.make_schedule(cfg, 50)(50)) == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match=r"optimizer\.warmup_steps=50: must be <= the run's 49"):
+        optim.make_schedule(cfg, 49)
+
+
+def test_absurd_learning_rate_warns(tiny_config, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        config_lib.validate(tiny_config(**{"optimizer.learning_rate": 1e6}), num_devices=8)
+    assert any(
+        "optimizer.learning_rate=1000000.0 is far above" in r.getMessage() for r in caplog.records
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        config_lib.validate(tiny_config(**{"optimizer.learning_rate": 1e-3}), num_devices=8)
+    assert not any("learning_rate" in r.getMessage() for r in caplog.records)
+
+
+def test_unknown_keys_get_a_suggestion(tiny_config):
+    c = tiny_config()
+    assert config_lib.unknown_key(c, "train.steps") is None
+    assert config_lib.unknown_key(c, "train.step") == (
+        "train.step: unknown key; did you mean train.steps?"
+    )
+    assert config_lib.unknown_key(c, "trian.steps") == (
+        "trian.steps: unknown key; did you mean train.steps?"
+    )
+    assert config_lib.unknown_key(c, "train.foo").startswith(
+        "train.foo: unknown key; train has: batch_size, epochs, eval_batch_size"
+    )
+    assert config_lib.unknown_key(c, "train.steps.x") == (
+        "train.steps.x: unknown key (train.steps is a value, not a block)"
+    )
+    del c.train["grad_accum_steps"]
+    assert "an optional key this recipe leaves out" in config_lib.unknown_key(
+        c, "train.grad_accum_steps"
+    )
+
+
+@pytest.mark.slow
+def test_cli_config_errors_are_one_line_before_any_output(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    for flag, want in [
+        ("--config.train.foo=1", "tr-align: config error: train.foo: unknown key; train has: "),
+        ("--config.optimizer.eps=-1", "tr-align: config error: optimizer.eps=-1.0: must be"),
+    ]:
+        out = subprocess.run(
+            [sys.executable, "-m", "tr_align", "train", f"--workdir={tmp_path / 'run'}", flag],
+            cwd=REPO,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line
+        assert out.stderr.startswith(want) and out.stdout == ""
+        assert not (tmp_path / "run").exists()

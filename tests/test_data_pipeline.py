@@ -238,6 +238,61 @@ def test_bad_row_error_names_the_record(tmp_path, tok):
         pipeline.load(c, tok, progress=False)
 
 
+def _mistyped_file(tmp_path, n=41, bad_line=5):
+    """n rows whose texts look like numbers (" 42", "002"), row ``bad_line`` with "chosen": 5."""
+    rows = [
+        {"prompt": f"Count {i}:", "chosen": f" {i:03d}", "rejected": f" {i + 1}"} for i in range(n)
+    ]
+    rows[bad_line - 1]["chosen"] = 5
+    path = tmp_path / "mistyped.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+def test_one_mistyped_row_loses_only_itself(tmp_path, tok):
+    path, rows = _mistyped_file(tmp_path)
+    c = data_config(tmp_path, "generic", **{"data.path": str(path), "data.eval_fraction": 0.05})
+    data = pipeline.load(c, tok, progress=False)
+    assert data.report["records_read"] == 41
+    assert data.report["bad_rows"]["train"] == {"missing_field": 1}
+    assert data.report["train_examples"] + data.report["eval_examples"] == 40
+    # the kept examples are the file's strings, untouched (not 42 / 2)
+    kept = [
+        tok.decode(ids, skip_special_tokens=True)
+        for part in (data.train, data.eval)
+        for ids in part.chosen
+    ]
+    want = [r["chosen"] for r in rows if isinstance(r["chosen"], str)]
+    assert sorted(kept) == sorted(want) and "000" in {k.strip() for k in kept}
+
+
+def test_mistyped_row_error_names_its_own_line(tmp_path, tok):
+    path, _ = _mistyped_file(tmp_path)
+    c = data_config(tmp_path, "generic", **{"data.path": str(path), "data.on_bad_row": "error"})
+    with pytest.raises(DataError) as e:
+        pipeline.load(c, tok, progress=False)
+    assert str(e.value).startswith(
+        f"{path}:5: bad row (missing_field): missing_field: chosen: expected a "
+    )
+
+
+def test_no_usable_rows_names_the_file_and_the_first_bad_lines(tmp_path, tok):
+    path = tmp_path / "numbers.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": i, "chosen": i, "rejected": 2}) + "\n" for i in range(4))
+    )
+    c = data_config(tmp_path, "generic", **{"data.path": str(path)})
+    with pytest.raises(DataError) as e:
+        pipeline.load(c, tok, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(
+        f"{path} [train]: no usable rows (4 read, all bad: {{'missing_field': 4}}"
+    )
+    assert f"first: {path}:1: missing_field: " in msg
+    assert f"{path}:3: missing_field" in msg and f"{path}:4:" not in msg  # the first three
+
+
 def test_prompt_too_long_is_a_bad_row(tmp_path, tok):
     c = data_config(
         tmp_path, **{"data.max_length": 60, "data.max_prompt_length": 0, "data.buckets": ()}

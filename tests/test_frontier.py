@@ -72,9 +72,9 @@ def test_tiny_frontier_run_writes_json_and_plot(tmp_path):
     c.seeds = (0,)
     c.corpus.update(dict(source="file", path=str(corpus), eval_fraction=0.2, max_eval_prompts=3))
     c.model.update(dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1))
-    c.sft.update(dict(steps=3, batch_size=8))
+    c.sft.update(dict(steps=3, batch_size=8, warmup_steps=1))  # warmup <= steps
     c.pairs.update(dict(pairs_per_prompt=2, max_new_tokens=6))
-    c.dpo.update(dict(steps=4, batch_size=8, eval_every=2))
+    c.dpo.update(dict(steps=4, batch_size=8, eval_every=2, warmup_steps=1))
     c.methods = {"tr_hard": dict(enabled=True, alpha=1.0, tau=2)}  # one run keeps the test short
     c.eval.update(dict(samples_per_prompt=2, max_new_tokens=6, batch_size=8))
     result = frontier.run(c, str(tmp_path / "fr"), progress=False)

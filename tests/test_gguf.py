@@ -393,3 +393,19 @@ def test_load_gguf_quant_types_match_independent_dequantization(tmp_path, qname)
     assert tokenizer.decode([tokens.index("hello"), tokens.index("Ġworld")]) == "hello world"
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.bos_token == "<|im_start|>"
     assert tokenizer.encode("<|im_end|>", add_special_tokens=False) == [tokens.index("<|im_end|>")]
+
+
+def test_garbled_or_truncated_gguf_is_one_line_naming_the_file(tmp_path):
+    from tr_align import cli, errors
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\xff" * 100)  # magic, then an impossible version
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    for path in (junk, empty):
+        with pytest.raises(errors.ModelError, match=rf"^{path}: not a readable GGUF file") as e:
+            tr_gguf.load_gguf(str(path))
+        message, code = cli.error_report(e.value)
+        assert message.startswith("tr-align: model error: ") and "\n" not in message
+    with pytest.raises(errors.ModelNotFoundError, match="no such GGUF file"):
+        tr_gguf.load_gguf(str(tmp_path / "missing.gguf"))

@@ -254,3 +254,147 @@ def test_load_straight_into_a_sharding_reads_only_each_devices_block(name, monke
         if len(full) == 2 and full == blk and any(d % 8 == 0 for d in full)
     ]
     assert _max_err(jax.jit(apply_fn), params, name) < 1e-4
+
+
+# --- corrupt model directories (Reliability I): one line naming the file and what was expected
+
+
+def _shard_in_two(d):
+    t = load_file(d / "model.safetensors")
+    os.remove(d / "model.safetensors")
+    names = sorted(t)
+    halves = {
+        "model-00001-of-00002.safetensors": names[:10],
+        "model-00002-of-00002.safetensors": names[10:],
+    }
+    weight_map = {}
+    for file, part in halves.items():
+        save_file({k: t[k] for k in part}, str(d / file))
+        weight_map.update(dict.fromkeys(part, file))
+    (d / hf.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+def _edit_config(d, f):
+    cfg = json.loads((d / "config.json").read_text())
+    f(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _truncate(file, n):
+    data = file.read_bytes()
+    file.write_bytes(data[: n if n >= 0 else len(data) + n])
+
+
+def _retype(d, dtype):
+    t = load_file(d / "model.safetensors")
+    save_file({k: (v * 100).astype(dtype) for k, v in t.items()}, str(d / "model.safetensors"))
+
+
+CORRUPTIONS = {
+    "garbled config.json": (
+        lambda d: (d / "config.json").write_text('{"model_type": "llama", '),
+        r"config\.json:1: invalid JSON: ",
+    ),
+    "config.json not an object": (
+        lambda d: (d / "config.json").write_text("[1, 2]"),
+        r"config\.json: expected a JSON object, got list$",
+    ),
+    "config.json not text": (
+        lambda d: (d / "config.json").write_bytes(b"\xff\xfe\x00junk"),
+        r"config\.json: not UTF-8 text",
+    ),
+    "config without hidden_size": (
+        lambda d: _edit_config(d, lambda c: c.pop("hidden_size")),
+        r"config\.json: missing 'hidden_size' \(needed for model_type='llama'\)$",
+    ),
+    "config with a string size": (
+        lambda d: _edit_config(d, lambda c: c.update(num_hidden_layers="2")),
+        r"config\.json: LlamaConfig\.num_hidden_layers must be a positive int, got '2'$",
+    ),
+    "config without model_type": (
+        lambda d: _edit_config(d, lambda c: c.pop("model_type")),
+        r"config\.json: model_type=None is not supported",
+    ),
+    "truncated safetensors": (
+        lambda d: _truncate(d / "model.safetensors", -100),
+        r"model\.safetensors: not a readable safetensors file \(.*\); truncated or corrupt\?$",
+    ),
+    "safetensors cut inside the header": (
+        lambda d: _truncate(d / "model.safetensors", 20),
+        r"model\.safetensors: not a readable safetensors file",
+    ),
+    "empty safetensors": (
+        lambda d: _truncate(d / "model.safetensors", 0),
+        r"model\.safetensors: not a readable safetensors file",
+    ),
+    "garbled safetensors header": (
+        lambda d: (d / "model.safetensors").write_bytes(
+            (d / "model.safetensors").read_bytes()[:8]
+            + b"x" * 32
+            + (d / "model.safetensors").read_bytes()[40:]
+        ),
+        r"model\.safetensors: not a readable safetensors file",
+    ),
+    "int32 weights": (
+        lambda d: _retype(d, np.int32),
+        r"model\.safetensors: tensor '.*' has dtype I32; expected a floating-point weight",
+    ),
+    "bool weights": (
+        lambda d: _retype(d, np.bool_),
+        r"has dtype BOOL; expected a floating-point weight",
+    ),
+    "wider config than the tensors": (
+        lambda d: _edit_config(d, lambda c: c.update(hidden_size=64)),
+        r"model\.safetensors: tensor .*: expected shape .* \(config .*config\.json\)$",
+    ),
+    "shard listed in the index but missing": (
+        lambda d: (_shard_in_two(d), os.remove(d / "model-00002-of-00002.safetensors")),
+        r"model-00002-of-00002\.safetensors: listed in .*model\.safetensors\.index\.json but "
+        r"missing$",
+    ),
+    "garbled index": (
+        lambda d: (_shard_in_two(d), (d / hf.INDEX_FILE).write_text("{oops")),
+        r"model\.safetensors\.index\.json:1: invalid JSON",
+    ),
+    "index without weight_map": (
+        lambda d: (_shard_in_two(d), (d / hf.INDEX_FILE).write_text('{"metadata": {}}')),
+        r"model\.safetensors\.index\.json: expected a \"weight_map\" object",
+    ),
+    "index pointing at the wrong shard": (
+        lambda d: (
+            wm := _shard_in_two(d),
+            (d / hf.INDEX_FILE).write_text(
+                json.dumps(
+                    {"weight_map": {**wm, sorted(wm)[0]: "model-00002-of-00002.safetensors"}}
+                )
+            ),
+        ),
+        r"model-00002-of-00002\.safetensors: has no tensor '.*' \(the index",
+    ),
+}
+
+
+@pytest.mark.parametrize("what", sorted(CORRUPTIONS))
+def test_corrupt_model_dir_is_one_line_naming_the_file(tmp_path, what):
+    from tr_align import cli, errors
+
+    corrupt, pattern = CORRUPTIONS[what]
+    d = tmp_path / "m"
+    shutil.copytree(FIXTURES / "llama_gqa", d)
+    corrupt(d)
+    with pytest.raises(errors.ModelError, match=pattern) as e:
+        hf.load_pretrained(str(d))
+    assert str(e.value).startswith(str(d))
+    message, code = cli.error_report(e.value)
+    assert message.startswith("tr-align: model error: ") and "\n" not in message and code == 2
+
+
+def test_float16_weights_are_still_accepted_and_upcast(tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(FIXTURES / "llama_gqa", d)
+    t = load_file(d / "model.safetensors")
+    save_file({k: v.astype(np.float16) for k, v in t.items()}, str(d / "model.safetensors"))
+    _, params, _ = hf.load_pretrained(str(d))
+    leaf = params["embed"]["embedding"] if "embed" in params else jax.tree.leaves(params)[0]
+    assert leaf.dtype == np.float32

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tr_align import losses
 from tr_align.losses import (
     LOSS_TYPES,
     kto_loss,
@@ -663,3 +664,55 @@ def test_sequence_logps_memory(average):
         )
     full = b * t * v * 4
     assert stats.temp_size_in_bytes < 0.25 * full, (stats.temp_size_in_bytes, full)
+
+
+# --- extreme inputs (Reliability J) -----------------------------------------------------------
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sppo_hard"])
+def test_squared_losses_saturate_with_exact_gradient_at_huge_margins(loss_type):
+    # pc = -2e30 makes the margin ~2e30: its square (4e60) is not a float32; the value
+    # saturates at f32max / B (B = 2: the mean stays finite) and the gradient is 2 * margin / B
+    beta = 0.1
+    pc = np.array([-2e30, -1.0], np.float32)
+    pr, rc, rr = (np.array([-3.0, -2.0], np.float32) for _ in range(3))
+
+    def mean_loss(pc):
+        return losses.preference_loss(loss_type, pc, pr, rc, rr, beta=beta)[0].mean()
+
+    value, grad = jax.value_and_grad(mean_loss)(jnp.asarray(pc))
+    per_example = losses.preference_loss(loss_type, pc, pr, rc, rr, beta=beta)[0]
+    # float64 reference, by hand: row 1 is small and exact
+    p64, r64, c64, q64 = (x.astype(np.float64) for x in (pc, pr, rc, rr))
+    if loss_type == "ipo":
+        margin = (p64 - r64) - (c64 - q64) - 1 / (2 * beta)
+        want_small, want_grad = margin[1] ** 2, 2 * margin / 2
+        cap = F32_MAX / 2
+    else:
+        margin = (p64 - c64) - 0.5 / beta
+        want_small = margin[1] ** 2 + ((r64 - q64)[1] + 0.5 / beta) ** 2
+        want_grad = 2 * margin / 2
+        cap = F32_MAX / 4
+    assert np.isfinite(float(value))
+    np.testing.assert_allclose(float(per_example[1]), want_small, rtol=1e-6)
+    assert float(per_example[0]) == pytest.approx(cap, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), want_grad, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("loss_type", ["ipo", "sppo_hard"])
+def test_low_precision_tiny_beta_does_not_overflow(loss_type, dtype):
+    # beta = 1e-6 as a float16/bfloat16 array: 1 / (2 beta) = 5e5 overflowed float16 (inf)
+    x = [jnp.asarray(v, dtype) for v in ([-1.0, -2.0], [-3.0, -1.0], [-3.0, -1.0], [-1.0, -2.0])]
+    beta = jnp.asarray(1e-6, dtype)
+    got = losses.preference_loss(loss_type, *x, beta=beta)[0]
+    b = float(np.asarray(beta, np.float32))  # the beta the array holds (1e-6 rounded)
+    pc, pr, rc, rr = (np.asarray(v, np.float64) for v in x)
+    if loss_type == "ipo":
+        want = ((pc - pr) - (rc - rr) - 1 / (2 * b)) ** 2
+    else:
+        want = (pc - rc - 0.5 / b) ** 2 + (pr - rr + 0.5 / b) ** 2
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6)

@@ -131,11 +131,54 @@ def test_file_errors(tmp_path):
     assert load_records("files", str(tmp_path / "empty.jsonl")) == []
 
 
-def test_bad_rows_fixture_loads_and_keeps_missing_keys_as_none():
+def test_bad_rows_fixture_loads_and_keeps_missing_keys_missing():
     got = load_records("files", str(FIXTURES / "bad_rows.jsonl"))
-    assert len(got) == 6 and got[1][0]["rejected"] is None
+    assert len(got) == 6 and "rejected" not in got[1][0]
     with pytest.raises(formats.BadRow, match="rejected: missing"):
         formats.convert(got[1][0], "generic")
+
+
+def test_values_are_never_coerced(tmp_path):
+    # one mistyped row used to send the whole file through a pandas fallback that turned
+    # " 42" into 42 and "002" into 2 (and the good rows into bad ones)
+    rows = [
+        {"prompt": " 42", "chosen": "002", "rejected": "1e3"},
+        {"prompt": "p", "chosen": 5, "rejected": [1, "x"]},
+        {"prompt": "null", "chosen": "true", "rejected": " -0.0 ", "extra": 1.0},
+        {"prompt": "q"},
+        {"prompt": "\u2028 line\u2029sep\x85", "chosen": "\U0001f600", "rejected": ""},
+    ]
+    for name, text in [
+        ("rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),
+        ("rows_raw.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)),
+        ("rows.json", json.dumps(rows, indent=1)),
+    ]:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        got = load_records("files", str(path))
+        assert [r for r, _ in got] == rows
+        for (r, _), want in zip(got, rows):
+            assert [type(v) for v in r.values()] == [type(v) for v in want.values()]
+        if name.endswith(".jsonl"):
+            assert [o for _, o in got] == [f"{path}:{n}" for n in range(1, 6)]
+
+
+def test_undecodable_and_pathological_lines_name_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"a": "ok"}\n{"a": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: not UTF-8 text"):
+        load_records("files", str(path))
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"a": 1}\n' + '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match=rf"^{deep}:2: JSON nested too deeply$"):
+        load_records("files", str(deep))
+    big = tmp_path / "bigint.jsonl"
+    big.write_text('{"a": 1}\n{"a": ' + "9" * 5000 + "}\n")
+    with pytest.raises(DataError, match=rf"^{big}:2: ValueError: Exceeds the limit"):
+        load_records("files", str(big))
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"a": "x"}\n')
+    assert load_records("files", str(bom)) == [({"a": "x"}, f"{bom}:1")]
 
 
 # ----------------------------------------------------------------------------- hub

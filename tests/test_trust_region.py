@@ -99,3 +99,56 @@ def test_num_updates_and_distance():
         )
     )
     np.testing.assert_allclose(trust_region.param_distance(pol, ref), expect, rtol=1e-5)
+
+
+# --- refused inputs (Reliability J) ------------------------------------------------------------
+
+
+def test_integer_leaves_are_refused_not_truncated():
+    ref = {"w": np.array([1, 2, 3], np.int32)}
+    pol = {"w": np.array([2, 3, 4], np.int32)}
+    with pytest.raises(TypeError, match=r"reference \['w'\] has dtype int32"):
+        trust_region.update_reference(ref, pol, jnp.int32(1), alpha=0.5, tau=1)
+    with pytest.raises(TypeError, match=r"policy \['w'\] has dtype int32"):
+        trust_region.update_reference(
+            {"w": np.zeros(3, np.float32)}, pol, jnp.int32(1), alpha=0.5, tau=1
+        )
+
+
+def test_shape_mismatch_is_refused_not_broadcast():
+    ref = {"w": np.zeros(3, np.float32)}
+    pol = {"w": np.ones((2, 3), np.float32)}
+    with pytest.raises(ValueError, match=r"\['w'\] has shape \(3,\) in the reference but \(2, 3\)"):
+        trust_region.update_reference(ref, pol, jnp.int32(1), alpha=0.5, tau=1)
+    with pytest.raises(ValueError, match="differ in structure"):
+        trust_region.update_reference(
+            {"w": np.zeros(3, np.float32)}, {"v": np.zeros(3, np.float32)}, 1, alpha=0.5, tau=1
+        )
+
+
+@pytest.mark.parametrize("alpha", [True, False, "0.5", float("nan"), None, np.bool_(True)])
+def test_alpha_must_be_a_real_number(alpha):
+    ref, pol = _trees()
+    with pytest.raises(ValueError, match="alpha"):
+        trust_region.update_reference(ref, pol, jnp.int32(1), alpha=alpha, tau=1)
+    with pytest.raises(ValueError, match="alpha"):
+        trust_region.ReferenceUpdate(alpha=alpha, tau=1)
+
+
+@pytest.mark.parametrize("tau", [True, 2.0, "3", -(2**40)])
+def test_tau_must_be_a_positive_integer(tau):
+    ref, pol = _trees()
+    with pytest.raises(ValueError, match="tau"):
+        trust_region.update_reference(ref, pol, jnp.int32(2), alpha=0.5, tau=tau)
+
+
+def test_huge_tau_never_updates_and_does_not_overflow():
+    ref, pol = _trees(6)
+    f = jax.jit(lambda r, p, s: trust_region.update_reference(r, p, s, alpha=0.5, tau=2**40))
+    for step in (1, 7, 2**31 - 1):
+        out = f(ref, pol, jnp.int32(step))
+        np.testing.assert_array_equal(out["a"], ref["a"])  # 2**40 divides no step in [1, 2**31)
+    assert int(trust_region.num_updates(jnp.int32(2**31 - 1), enabled=True, tau=2**40)) == 0
+    # numpy integers and an exactly representable big tau keep the rule
+    out = trust_region.update_reference(ref, pol, jnp.int32(2**30), alpha=0.5, tau=np.int64(2**30))
+    np.testing.assert_allclose(out["a"], 0.5 * pol["a"] + 0.5 * ref["a"], rtol=1e-6)

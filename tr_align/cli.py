@@ -57,13 +57,17 @@ _REPO_DEFAULT_CONFIG = os.path.join(
 def _define_config_flag():
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file(
-        "config",
-        default=_REPO_DEFAULT_CONFIG if os.path.exists(_REPO_DEFAULT_CONFIG) else None,
-        help_string="Config file with get_config(); append ':PRESET' (tr-soft, tr-hard, vanilla) "
-        "to pick a trust-region preset, override keys with --config.KEY=VALUE.",
-        lock_config=True,
-    )
+    try:  # without --config, the default file and its --config.KEY overrides are read here
+        config_flags.DEFINE_config_file(
+            "config",
+            default=_REPO_DEFAULT_CONFIG if os.path.exists(_REPO_DEFAULT_CONFIG) else None,
+            help_string="Config file with get_config(); append ':PRESET' (tr-soft, tr-hard, "
+            "vanilla) to pick a trust-region preset, override keys with --config.KEY=VALUE.",
+            lock_config=True,
+        )
+    except (AttributeError, KeyError):
+        _exit_on_unknown_override(sys.argv)
+        raise
 
 
 # Every project error type (tr_align.errors) -> the label of its one-line message
@@ -76,6 +80,7 @@ ERRORS = (
     (errors.DistributedSetupError, "distributed setup", 2),
     (errors.RunDirError, None, 2),
     (errors.ModelNotFoundError, None, 2),
+    (errors.ModelError, "model error", 2),
     (errors.MissingDependencyError, None, 2),
     (errors.RemoteError, None, 2),
     # errors.NonFiniteError; the training loop still raises the built-in FloatingPointError
@@ -91,6 +96,48 @@ def error_report(e: BaseException) -> tuple[str, int] | None:
             text = " ".join(str(e).split("\n"))
             return (f"tr-align: {label}: {text}" if label else f"tr-align: {text}"), code
     return None
+
+
+def _config_override_error(argv) -> str | None:
+    """The first ``--config.KEY=...`` of ``argv`` whose KEY the config file lacks, as a
+    one-line message (``config.unknown_key``), or None."""
+    overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if not overrides:
+        return None
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    spec = spec or _REPO_DEFAULT_CONFIG
+    path, _, preset = spec.partition(":")
+    from tr_align import config as config_lib
+
+    try:
+        config = config_lib.load_config_file(path, preset or None)
+    except Exception:  # noqa: BLE001 - absl reports a config file it cannot load itself
+        return None
+    for key in overrides:
+        if (message := config_lib.unknown_key(config, key)) is not None:
+            return message
+    return None
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, except that an unknown ``--config.KEY`` ends the command with
+    one ``tr-align: config error: ...`` line (exit 2) instead of ml_collections' traceback."""
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError):
+        _exit_on_unknown_override(argv)
+        raise
+
+
+def _exit_on_unknown_override(argv) -> None:
+    """Exits with one config-error line (code 2) if an override of ``argv`` names a key the
+    config lacks; returns otherwise (the caller re-raises)."""
+    message = _config_override_error(argv)
+    if message is not None:
+        print(f"tr-align: config error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _run_app(argv, command, body) -> None:
@@ -113,7 +160,7 @@ def _run_app(argv, command, body) -> None:
             print(report[0], file=sys.stderr)
             sys.exit(report[1])
 
-    app.run(main, argv=[f"{argv[0]} {command}"] + list(argv[2:]))
+    app.run(main, argv=[f"{argv[0]} {command}"] + list(argv[2:]), flags_parser=_parse_flags)
 
 
 def _train(argv, command="train") -> None:

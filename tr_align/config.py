@@ -7,11 +7,14 @@ value and what is allowed, e.g.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 
+from absl import logging
+
 from tr_align import dtypes, losses, sharding
-from tr_align.data import formats
+from tr_align.data import formats, synthetic
 from tr_align.defaults import DEFAULTS
 from tr_align.defaults import get as get_optional
 from tr_align.errors import ConfigError
@@ -35,9 +38,16 @@ REQUIRED_KEYS = (
     "optimizer.learning_rate",
     "optimizer.warmup_steps",
     "optimizer.schedule",
+    "optimizer.end_lr_factor",
+    "optimizer.weight_decay",
+    "optimizer.b1",
+    "optimizer.b2",
+    "optimizer.eps",
+    "optimizer.max_grad_norm",
     "loss.type",
     "loss.beta",
     "loss.label_smoothing",
+    "loss.discopop_tau",
     "trust_region.alpha",
     "trust_region.tau",
     "trust_region.enabled",
@@ -50,6 +60,14 @@ REQUIRED_KEYS = (
     "data.source",
 )
 
+
+# loss.beta below this scales the loss's gradient (beta * d logp) under what float32 training
+# resolves: beta = 1e-45 is a float32 denormal (flushed to 0 on accelerators: no gradient at
+# all), and Adam's eps (1e-8) swamps gradients long before that.
+MIN_BETA = 1e-6
+# A warning (not an error) above this AdamW learning rate: 1e6 collapses the model
+# (grad_norm 0 for the rest of the run); the usual range is 1e-7 .. 1e-2.
+MAX_SANE_LEARNING_RATE = 0.1
 
 UNPAIRED_LOSSES = ("kto",)  # unpaired data (tr_align.training.objectives.KTO)
 SFT_LOSSES = ("sft",)  # next-token loss on the chosen completions (objectives.SFT)
@@ -66,6 +84,30 @@ def load_config_file(path: str, preset: str | None = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(preset) if preset else module.get_config()
+
+
+def unknown_key(config, key: str) -> str | None:
+    """None if the dotted ``key`` names an entry of ``config``, else a one-line message with
+    a 'did you mean' suggestion (or the block's keys), e.g. for ``--config.train.step=5``:
+    ``train.step: unknown key; did you mean train.steps?``."""
+    node, done, parts = config, [], key.split(".")
+    for i, part in enumerate(parts):
+        if hasattr(node, "keys") and part in node:
+            node = node[part]
+            done.append(part)
+            continue
+        if not hasattr(node, "keys"):
+            return f"{key}: unknown key ({'.'.join(done)} is a value, not a block)"
+        choices = sorted(node.keys())
+        close = difflib.get_close_matches(part, choices, n=1)
+        if close:
+            hint = f"did you mean {'.'.join([*done, close[0], *parts[i + 1 :]])}?"
+        else:
+            hint = f"{'.'.join(done) or 'the config'} has: {', '.join(choices)}"
+        if key in DEFAULTS:
+            hint = f"an optional key this recipe leaves out; set it in the config file ({hint})"
+        return f"{key}: unknown key; {hint}"
+    return None
 
 
 def _get(config, key):
@@ -108,7 +150,12 @@ def validate(config, num_devices: int) -> None:
     ):
         v = _get(config, key)
         _check(_is_int(v) and v >= 1, key, v, "must be an integer >= 1")
-    _check(_is_int(t.seed), "train.seed", t.seed, "must be an integer")
+    _check(
+        _is_int(t.seed) and 0 <= t.seed < 2**32,
+        "train.seed",
+        t.seed,
+        "must be an integer in [0, 2**32)",
+    )
     epochs = get_optional(config, "train.epochs")
     _check(
         _is_num(epochs) and epochs >= 0,
@@ -124,6 +171,26 @@ def validate(config, num_devices: int) -> None:
         f"must be one of {', '.join(losses.LOSS_TYPES + UNPAIRED_LOSSES + SFT_LOSSES)}",
     )
     _check(_is_num(lo.beta) and lo.beta > 0, "loss.beta", lo.beta, "must be a number > 0")
+    _check(
+        lo.beta >= MIN_BETA,
+        "loss.beta",
+        lo.beta,
+        f"must be >= {MIN_BETA:g} (smaller values leave no usable gradient in float32)",
+    )
+    _check(
+        _is_num(lo.discopop_tau) and lo.discopop_tau > 0,
+        "loss.discopop_tau",
+        lo.discopop_tau,
+        "must be a number > 0",
+    )
+    for key in ("loss.desirable_weight", "loss.undesirable_weight"):
+        w = get_optional(config, key)
+        _check(_is_num(w) and w >= 0, key, w, "must be a number >= 0")
+    if get_optional(config, "loss.desirable_weight") == 0:
+        w = get_optional(config, "loss.undesirable_weight")
+        _check(
+            w > 0, "loss.undesirable_weight", w, "and loss.desirable_weight are both 0 (no loss)"
+        )
     _check(
         _is_num(lo.label_smoothing) and 0 <= lo.label_smoothing < 0.5,
         "loss.label_smoothing",
@@ -160,6 +227,46 @@ def validate(config, num_devices: int) -> None:
         o.schedule,
         f"must be one of {', '.join(optim.SCHEDULES)}",
     )
+    if not epochs:  # with train.epochs the step count is known once the data is read (optim)
+        _check(
+            o.warmup_steps <= t.steps,
+            "optimizer.warmup_steps",
+            o.warmup_steps,
+            f"must be <= train.steps={t.steps} (the learning rate would never reach its peak)",
+        )
+    _check(
+        _is_num(o.end_lr_factor) and 0 <= o.end_lr_factor <= 1,
+        "optimizer.end_lr_factor",
+        o.end_lr_factor,
+        "must be in [0, 1] (the final learning rate as a fraction of the peak)",
+    )
+    _check(
+        _is_num(o.weight_decay) and o.weight_decay >= 0,
+        "optimizer.weight_decay",
+        o.weight_decay,
+        "must be a number >= 0",
+    )
+    for key in ("optimizer.b1", "optimizer.b2"):
+        v = _get(config, key)
+        _check(_is_num(v) and 0 <= v < 1, key, v, "must be in [0, 1)")
+    _check(
+        _is_num(o.eps) and o.eps > 0,
+        "optimizer.eps",
+        o.eps,
+        "must be a number > 0 (AdamW divides by sqrt(v) + eps)",
+    )
+    _check(
+        _is_num(o.max_grad_norm),
+        "optimizer.max_grad_norm",
+        o.max_grad_norm,
+        "must be a finite number (> 0: clip the global gradient norm to it; <= 0: no clipping)",
+    )
+    if o.learning_rate > MAX_SANE_LEARNING_RATE:
+        logging.warning(
+            "optimizer.learning_rate=%r is far above the usual AdamW range (1e-7 .. 1e-2); "
+            "the model is likely to collapse (grad_norm 0)",
+            o.learning_rate,
+        )
 
     source = get_optional(config, "model.pretrained")
     _check(isinstance(source, str), "model.pretrained", source, "must be a path, 'smollm2' or ''")
@@ -204,11 +311,15 @@ def validate(config, num_devices: int) -> None:
     )
     if not source:
         try:
-            LlamaConfig(**{k: v for k, v in config.model.items() if k != "pretrained"})
+            model_config = LlamaConfig(
+                **{k: v for k, v in config.model.items() if k != "pretrained"}
+            )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
 
     _validate_data(config)
+    if not source:
+        check_model_fits_data(config, model_config)
 
     try:
         shape = sharding.mesh_shape(config.mesh, num_devices)
@@ -236,10 +347,86 @@ def validate(config, num_devices: int) -> None:
     )
 
 
+def longest_sequence(config) -> tuple[str, int]:
+    """(key, value) of the data's longest sequence in tokens: ``data.max_length``, or for the
+    synthetic task BOS + ``data.max_prompt_len`` + SEP + ``data.response_len``."""
+    d = config.data
+    if d.source == "synthetic":
+        return "the synthetic sequence length (data.max_prompt_len + data.response_len + 2)", (
+            synthetic.seq_len(max_prompt_len=d.max_prompt_len, response_len=d.response_len)
+        )
+    return "data.max_length", d.max_length
+
+
+def check_model_fits_data(config, model_config) -> None:
+    """ConfigError when the data is longer than the model's context
+    (``max_position_embeddings``) or the synthetic task needs more tokens than the model's
+    vocabulary has. Runs in ``validate`` for models from scratch and after a pretrained
+    model's config is read (``training.loop.load_data``)."""
+    key, length = longest_sequence(config)
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is not None and length > context:
+        where = "model.max_position_embeddings"
+        if get_optional(config, "model.pretrained"):
+            where = f"the context of model.pretrained={get_optional(config, 'model.pretrained')!r}"
+        raise ConfigError(
+            f"{key}={length}: longer than {where}={context}; shorten the data or use a model "
+            "with a longer context"
+        )
+    if config.data.source == "synthetic":
+        need = synthetic.FIRST_CONTENT + synthetic.MIN_CONTENT_TOKENS
+        _check(
+            model_config.vocab_size >= need,
+            "model.vocab_size",
+            model_config.vocab_size,
+            f"too small for the synthetic task (needs >= {need}: pad, BOS, SEP and "
+            f"{synthetic.MIN_CONTENT_TOKENS} content tokens)",
+        )
+
+
+def _validate_synthetic(config) -> None:
+    d = config.data
+    for key in ("num_train", "num_eval", "min_prompt_len", "max_prompt_len", "response_len"):
+        _get(config, f"data.{key}")
+    for key, low in (("num_train", 1), ("num_eval", 1), ("min_prompt_len", 1)):
+        v = d[key]
+        _check(_is_int(v) and v >= low, f"data.{key}", v, f"must be an integer >= {low}")
+    _check(
+        _is_int(d.max_prompt_len) and d.max_prompt_len >= d.min_prompt_len,
+        "data.max_prompt_len",
+        d.max_prompt_len,
+        f"must be an integer >= data.min_prompt_len={d.min_prompt_len}",
+    )
+    _check(
+        _is_int(d.response_len) and d.response_len >= 2,
+        "data.response_len",
+        d.response_len,
+        "must be an integer >= 2 (the rejected response differs in 1 .. response_len // 2 "
+        "positions)",
+    )
+    vocab = config.model.get("vocab_size") if not get_optional(config, "model.pretrained") else None
+    if _is_int(vocab) and vocab >= synthetic.FIRST_CONTENT + synthetic.MIN_CONTENT_TOKENS:
+        prompts = synthetic.num_prompts(
+            vocab_size=vocab,
+            min_prompt_len=d.min_prompt_len,
+            max_prompt_len=d.max_prompt_len,
+            limit=d.num_train + d.num_eval,
+        )
+        _check(
+            d.num_train + d.num_eval <= prompts,
+            "data.num_train",
+            d.num_train,
+            f"with data.num_eval={d.num_eval} exceeds the {prompts} distinct prompts of "
+            f"{d.min_prompt_len}..{d.max_prompt_len} tokens over {vocab - synthetic.FIRST_CONTENT} "
+            "content tokens (raise model.vocab_size or data.max_prompt_len)",
+        )
+
+
 def _validate_data(config) -> None:
     d = config.data
     _check(d.source in DATA_SOURCES, "data.source", d.source, f"must be one of {DATA_SOURCES}")
     if d.source == "synthetic":
+        _validate_synthetic(config)
         return
     for key in ("path", "format", "split", "max_length", "max_prompt_length", "on_bad_row"):
         _get(config, f"data.{key}")

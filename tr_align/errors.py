@@ -37,6 +37,13 @@ class ModelNotFoundError(Error, FileNotFoundError):
     or a tr-align run directory."""
 
 
+class ModelError(Error, ValueError):
+    """A pretrained model that is there but cannot be used: a garbled or incomplete
+    ``config.json``, an unreadable or truncated safetensors file, a shard the index lists but
+    the directory lacks, a tensor of the wrong shape or an integer dtype; the message names the
+    file and what was expected."""
+
+
 class MissingDependencyError(Error, ImportError):
     """An optional package a feature needs is not installed; the message says what to
     ``pip install``."""

@@ -18,6 +18,7 @@ import functools
 import importlib
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tr_align.dtypes import DTYPES
+from tr_align.errors import ModelError, ModelNotFoundError
 
 # model_type -> module implementing it.
 ARCHITECTURES = {
@@ -52,8 +54,8 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def _module_for_type(model_type, where: str):
-    if model_type not in ARCHITECTURES:
-        raise ValueError(
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        raise ModelError(
             f"{where}: model_type={model_type!r} is not supported; "
             f"supported: {', '.join(sorted(ARCHITECTURES))}"
         )
@@ -70,8 +72,23 @@ def config_to_hf(config) -> dict:
 
 
 def config_from_hf(hf_config: dict, where: str = "config.json"):
-    """Our model config from a parsed Hugging Face config.json."""
-    return _module_for_type(hf_config.get("model_type"), where).config_from_hf(hf_config)
+    """Our model config from a parsed Hugging Face config.json (``where`` names it in errors).
+
+    Raises ModelError (a ValueError) naming ``where`` for a config that is not a JSON object,
+    an unsupported ``model_type``, a missing key (``hidden_size``...) or a bad value.
+    """
+    if not isinstance(hf_config, dict):
+        raise ModelError(f"{where}: expected a JSON object, got {type(hf_config).__name__}")
+    model_type = hf_config.get("model_type")
+    module = _module_for_type(model_type, where)
+    try:
+        return module.config_from_hf(hf_config)
+    except KeyError as e:
+        raise ModelError(
+            f"{where}: missing {e.args[0]!r} (needed for model_type={model_type!r})"
+        ) from None
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise ModelError(f"{where}: {e}") from None
 
 
 def model_fns(config):
@@ -98,26 +115,69 @@ def read_config(path: str) -> dict:
     """The parsed ``config.json`` of a model directory."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file}: no config.json (expected a Hugging Face model directory)")
-    with open(file, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from None
+        raise ModelNotFoundError(
+            f"{file}: no config.json (expected a Hugging Face model directory)"
+        )
+    return _read_json(file, "a JSON object")
+
+
+def _read_json(file: str, expected: str):
+    """The parsed JSON object of ``file``; ModelError naming the file (and line) otherwise."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{file}: not UTF-8 text ({e.reason}); expected {expected}") from None
+    except (OSError, RecursionError, ValueError) as e:
+        raise ModelError(f"{file}: could not read ({type(e).__name__}: {e})") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{file}: expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _safe_open(file: str):
+    """``safe_open(file)``; ModelError naming the file for a truncated or garbled one."""
+    try:
+        return safe_open(file, framework="numpy")
+    except FileNotFoundError:
+        raise ModelError(f"{file}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError, OSError, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"{file}: not a readable safetensors file ({msg}); truncated or corrupt?"
+        ) from None
+
+
+# safetensors dtype names of floating-point tensors (the only ones a weight may have)
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def _tensor_files(path: str) -> dict[str, str]:
     """tensor name -> safetensors file, for a single-file or an index-sharded checkpoint."""
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+        weight_map = _read_json(index, 'a JSON object with a "weight_map"').get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise ModelError(
+                f'{index}: expected a "weight_map" object (tensor name -> shard file name)'
+            )
+        files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+        missing = sorted({f for f in files.values() if not os.path.isfile(f)})
+        if missing:
+            raise ModelError(
+                f"{missing[0]}: listed in {index} but missing"
+                + (f" (and {len(missing) - 1} more shard(s))" if len(missing) > 1 else "")
+            )
+        return files
     single = os.path.join(path, SINGLE_FILE)
     if os.path.isfile(single):
-        with safe_open(single, framework="numpy") as f:
+        with _safe_open(single) as f:
             return dict.fromkeys(f.keys(), single)
-    raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    raise ModelNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
 
 class LazyTensor:
@@ -166,8 +226,17 @@ class _Reader:
             raise KeyError(name)
         file = self.files[name]
         if file not in self._open:
-            self._open[file] = safe_open(file, framework="numpy")
-        return LazyTensor(self._open[file], name)
+            self._open[file] = _safe_open(file)
+        handle = self._open[file]
+        if name not in handle.keys():
+            raise ModelError(f"{file}: has no tensor {name!r} (the index {INDEX_FILE} says it has)")
+        dtype = handle.get_slice(name).get_dtype()
+        if dtype not in FLOAT_DTYPES:
+            raise ModelError(
+                f"{file}: tensor {name!r} has dtype {dtype}; expected a floating-point weight "
+                f"({', '.join(FLOAT_DTYPES)})"
+            )
+        return LazyTensor(handle, name)
 
 
 def _materialize(params, dtype, shardings):
@@ -204,22 +273,29 @@ def load_pretrained(path: str, dtype: str = "float32", *, shardings=None):
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     hf_config = read_config(path)
-    module = _module_for_type(hf_config.get("model_type"), os.path.join(path, "config.json"))
-    config = dataclasses.replace(module.config_from_hf(hf_config), dtype=dtype)
+    config_file = os.path.join(path, "config.json")
+    config = dataclasses.replace(config_from_hf(hf_config, config_file), dtype=dtype)
+    module = _module_for_config(config)
     reader = _Reader(path)
     try:
         params = module.params_from_hf(reader, config)
     except KeyError as e:
-        raise ValueError(
+        raise ModelError(
             f"{path}: tensor {e.args[0]!r} is missing from the checkpoint "
             f"({len(reader.files)} tensors found)"
         ) from None
+    except ModelError:
+        raise
+    except ValueError as e:  # a tensor whose shape does not match config.json
+        named = re.search(r"tensor '?([^\s:']+)'?:", str(e))
+        where = reader.files.get(named.group(1), path) if named else path
+        raise ModelError(f"{where}: {e} (config {config_file})") from None
     expected = set(module.hf_tensor_names(config))
     extra = sorted(
         n for n in set(reader.files) - expected if not n.endswith(module.IGNORED_HF_SUFFIXES)
     )
     if extra:
-        raise ValueError(f"{path}: unexpected tensors for this config: {extra[:10]}")
+        raise ModelError(f"{path}: unexpected tensors for this config: {extra[:10]}")
     params = _materialize(params, DTYPES[dtype], shardings)
     _, apply_fn = module.make_model(config)
     return apply_fn, params, config

@@ -12,7 +12,22 @@ Conventions
 * Everything is computed in float32 (inputs are upcast). Config values
   (``loss_type``, ``average``) are Python values and must be static under
   ``jax.jit``; numeric hyper-parameters (``beta``, ``label_smoothing``, ...)
-  may be Python numbers (validated eagerly) or traced arrays (not validated).
+  may be Python numbers (validated eagerly) or traced arrays (not validated;
+  upcast to float32 too, so a float16/bfloat16 ``beta = 1e-6`` cannot overflow
+  in ``1 / (2 beta)``).
+* Range: for per-sequence logps of any float dtype with |logp| up to 1e30 (far
+  beyond any real model's, and representable in bfloat16 and float32) and
+  ``beta`` in [1e-6, 1e3] (``label_smoothing`` in [0, 0.5), ``discopop_tau`` in
+  (0, 1]: above 1 DiscoPOP's ``exp(-z) m`` term grows exponentially), every loss and
+  its gradient are finite (tested with hypothesis, tests/test_fuzz.py; the KTO losses
+  too, for weights >= 0). The squared losses (``ipo``, ``sppo_hard``)
+  would overflow float32 beyond a margin of ~1.8e19: their value saturates at
+  float32-max / B (B = batch size, so ``losses.mean()`` stays finite) while their
+  gradient stays the exact ``2 * margin``. Beyond that range the scaled margins
+  ``beta * logits`` themselves leave float32 and the linear-growth losses return
+  inf; a gradient w.r.t. float16 inputs is float16 and overflows above 65504
+  (e.g. IPO with ``beta`` < 1e-5), so feed float32 logps (``sequence_logps``
+  returns float32) when ``beta`` is tiny.
 * Implicit rewards ``beta * logratios`` are returned wrapped in
   ``jax.lax.stop_gradient`` (logging only, like TRL's ``.detach()``).
 * Formulas follow the 2024-2025 TRL ``DPOTrainer.dpo_loss`` (the version with
@@ -28,6 +43,7 @@ Only jax, jax.numpy and chex are needed; nothing else from ``tr_align``.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -87,6 +103,34 @@ def _f32(x) -> jax.Array:
     return jnp.asarray(x).astype(jnp.float32)
 
 
+def _hparam(x):
+    """A hyper-parameter as used in the formulas: Python numbers as they are (exact, weakly
+    typed), arrays upcast to float32 (a float16 ``beta = 1e-6`` would make ``1 / (2 beta)``
+    overflow float16's 65504)."""
+    return x if _is_static_number(x) or x is None else _f32(x)
+
+
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _saturating_square(cap: float, x: jax.Array) -> jax.Array:
+    """``min(x**2, cap)`` with the gradient of ``x**2`` (``2 x``) everywhere.
+
+    For the squared losses (``ipo``, ``sppo_hard``) in float32: a margin beyond
+    sqrt(cap) (about 1.8e19 / sqrt(B) with ``cap = f32max / B``) would give ``inf``; here the
+    value saturates at ``cap`` (so the batch mean stays finite) while the gradient stays the
+    exact ``2 x``, finite for |x| < f32max / 2. NaN stays NaN.
+    """
+    return jnp.minimum(jnp.square(x), cap)
+
+
+@_saturating_square.defjvp
+def _saturating_square_jvp(cap, primals, tangents):
+    (x,), (t,) = primals, tangents
+    return _saturating_square(cap, x), 2.0 * x * t
+
+
 def uses_average_logps(loss_type: str) -> bool:
     """Whether ``loss_type`` expects length-AVERAGED per-sequence log-probs.
 
@@ -140,6 +184,8 @@ def preference_loss(
     * ``ipo``      (IPO, Azar et al. 2023, arXiv:2310.12036, eq. 17; beta = tau):
           (logits - 1 / (2 beta))^2
       NOTE: TRL feeds IPO length-AVERAGED logps (see ``uses_average_logps``).
+      Saturates at float32-max / B instead of overflowing; exact gradient
+      (see "Range" above).
     * ``bco_pair`` (BCO, Jung et al. 2024, arXiv:2404.04656), with delta =
       ``bco_delta`` if given, else stop_gradient(mean(concat(beta cl, beta rl)))
       over the (global) batch:
@@ -149,6 +195,7 @@ def preference_loss(
       running value itself and passes it as ``bco_delta``.
     * ``sppo_hard`` (SPPO, Wu et al. 2024, arXiv:2405.00675, hard labels):
           (cl - 0.5 / beta)^2 + (rl + 0.5 / beta)^2
+      (each square saturates at float32-max / 2B, exact gradient; see "Range").
     * ``nca_pair`` (NCA, Chen et al. 2024, arXiv:2402.05369):
           -logsig(beta cl) - 0.5 logsig(-beta cl) - 0.5 logsig(-beta rl)
     * ``aot_pair`` (AOT, Melnyk et al. 2024, arXiv:2406.05882, unpaired form):
@@ -205,6 +252,9 @@ def preference_loss(
     chex.assert_equal_shape(
         [policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps]
     )
+    beta, ls, discopop_tau, bco_delta = map(_hparam, (beta, ls, discopop_tau, bco_delta))
+    # the squared losses saturate here, so that the mean over the batch stays finite
+    cap = _F32_MAX / max(int(policy_chosen_logps.shape[0]), 1)
     pc, pr, rc, rr = map(
         _f32, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     )
@@ -233,17 +283,19 @@ def preference_loss(
     elif loss_type == "hinge":
         losses = jax.nn.relu(1.0 - z)
     elif loss_type == "ipo":
-        losses = (logits - 1.0 / (2.0 * beta)) ** 2
+        losses = _saturating_square(cap, logits - 1.0 / (2.0 * beta))
     elif loss_type == "bco_pair":
         chosen_r = beta * chosen_logratios
         rejected_r = beta * rejected_logratios
         if bco_delta is None:
             delta = jax.lax.stop_gradient(jnp.mean(jnp.concatenate([chosen_r, rejected_r])))
         else:
-            delta = _f32(bco_delta)
+            delta = bco_delta
         losses = -jax.nn.log_sigmoid(chosen_r - delta) - jax.nn.log_sigmoid(-(rejected_r - delta))
     elif loss_type == "sppo_hard":
-        losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+        losses = _saturating_square(cap / 2, chosen_logratios - 0.5 / beta) + _saturating_square(
+            cap / 2, rejected_logratios + 0.5 / beta
+        )
     elif loss_type == "nca_pair":
         chosen_r = beta * chosen_logratios
         rejected_r = beta * rejected_logratios
@@ -326,6 +378,9 @@ def kto_loss(
       = beta * rl, kl scalar), all float32; rewards and kl are stop_gradient-ed.
     """
     _check_positive("beta", beta)
+    beta, desirable_weight, undesirable_weight = map(
+        _hparam, (beta, desirable_weight, undesirable_weight)
+    )
     chex.assert_rank(
         [policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps], 1
     )
@@ -385,6 +440,9 @@ def kto_loss_labeled(
       (losses [B], rewards [B] = stop_gradient(beta * r), kl scalar), float32.
     """
     _check_positive("beta", beta)
+    beta, desirable_weight, undesirable_weight = map(
+        _hparam, (beta, desirable_weight, undesirable_weight)
+    )
     chex.assert_rank([policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, label], 1)
     chex.assert_equal_shape([policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, label])
     w = jnp.ones_like(_f32(policy_logps)) if weight is None else _f32(weight)

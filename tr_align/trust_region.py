@@ -41,9 +41,11 @@ a hard-copied bfloat16 reference gives exactly the log-probs of a float32 one
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from tr_align.errors import ConfigError
@@ -58,11 +60,53 @@ PRESETS = {
 
 
 def validate(alpha, tau) -> None:
-    """Raises ConfigError (a ValueError) unless 0 <= alpha <= 1 and tau is an integer >= 1."""
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ConfigError(f"trust_region.alpha={alpha!r} must be in [0, 1]")
-    if int(tau) != tau or tau < 1:
+    """Raises ConfigError (a ValueError) unless ``alpha`` is a real number in [0, 1] and ``tau``
+    an integer >= 1 (``bool``, strings, NaN and non-integral ``tau`` are refused; any size of
+    ``tau`` is fine, see ``update_reference``)."""
+    if (
+        isinstance(alpha, (bool, np.bool_))
+        or not isinstance(alpha, numbers.Real)
+        or not 0.0 <= float(alpha) <= 1.0
+    ):
+        raise ConfigError(f"trust_region.alpha={alpha!r} must be a real number in [0, 1]")
+    if isinstance(tau, (bool, np.bool_)) or not isinstance(tau, numbers.Integral) or tau < 1:
         raise ConfigError(f"trust_region.tau={tau!r} must be an integer >= 1")
+
+
+def _check_trees(ref_params, policy_params) -> None:
+    """Same tree structure, same shapes, floating-point leaves on both sides (else an error
+    naming the first offending leaf); dtypes may differ (a bfloat16 reference)."""
+    ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(ref_params)
+    pol_leaves, pol_def = jax.tree_util.tree_flatten_with_path(policy_params)
+    if ref_def != pol_def:
+        raise ValueError(
+            f"update_reference: the reference and policy trees differ in structure "
+            f"(reference {ref_def}, policy {pol_def})"
+        )
+    for (path, r), (_, p) in zip(ref_leaves, pol_leaves):
+        name = jax.tree_util.keystr(path) or "the leaf"
+        for which, x in (("reference", r), ("policy", p)):
+            dtype = jnp.result_type(x)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(
+                    f"update_reference: {which} {name} has dtype {dtype}; the trust-region mix "
+                    "needs floating-point parameters (an integer leaf would be truncated)"
+                )
+        if jnp.shape(r) != jnp.shape(p):
+            raise ValueError(
+                f"update_reference: {name} has shape {jnp.shape(r)} in the reference but "
+                f"{jnp.shape(p)} in the policy (no broadcasting)"
+            )
+
+
+def _is_multiple(step, tau: int):
+    """``step % tau == 0`` for an integer array ``step`` and any Python int ``tau`` >= 1: a
+    ``tau`` beyond the step dtype's range (2**40 for int32 steps) cannot be converted to it,
+    and there no representable step but 0 is a multiple of it."""
+    step = jnp.asarray(step)
+    if tau > jnp.iinfo(step.dtype).max:
+        return step == 0
+    return step % tau == 0
 
 
 def update_reference(ref_params, policy_params, step, *, alpha: float, tau: int):
@@ -80,16 +124,25 @@ def update_reference(ref_params, policy_params, step, *, alpha: float, tau: int)
     the module doc for what the rounding loses).
 
     Args:
-      ref_params: pytree of reference parameters.
-      policy_params: pytree with the same structure (the updated policy).
+      ref_params: pytree of floating-point reference parameters.
+      policy_params: pytree with the same structure and leaf shapes (the updated policy),
+        floating point too (dtypes may differ from the reference's).
       step: int scalar, the number of optimizer updates done (>= 1).
-      alpha: mixing weight in [0, 1].
-      tau: update period, an integer >= 1.
+      alpha: mixing weight, a real number in [0, 1] (not a bool).
+      tau: update period, an integer >= 1 of any size (one beyond the range of ``step``'s
+        dtype, e.g. 2**40 with int32 steps, means no update ever happens after step 0).
 
     Returns:
       The new reference pytree.
+
+    Raises:
+      ConfigError (a ValueError): bad ``alpha`` or ``tau``.
+      ValueError: the two trees differ in structure or in a leaf's shape (never broadcast).
+      TypeError: a leaf that is not floating point (integers would be truncated).
     """
     validate(alpha, tau)
+    _check_trees(ref_params, policy_params)
+    alpha = float(alpha)
 
     def mix(ref):
         if alpha == 1.0:
@@ -101,10 +154,12 @@ def update_reference(ref_params, policy_params, step, *, alpha: float, tau: int)
             )
         return jax.tree.map(lambda n, r: n.astype(r.dtype), new, ref)
 
+    ref_params = jax.tree.map(jnp.asarray, ref_params)
+    policy_params = jax.tree.map(jnp.asarray, policy_params)
     if tau == 1:
         return mix(ref_params)
     # periodic_update-style: the update branch only runs on sync steps.
-    return jax.lax.cond(jnp.asarray(step) % tau == 0, mix, lambda r: r, ref_params)
+    return jax.lax.cond(_is_multiple(step, tau), mix, lambda r: r, ref_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +191,8 @@ def from_config(tr_cfg) -> ReferenceUpdate | None:
 def num_updates(step, *, enabled: bool, tau: int):
     """Number of reference updates done after ``step`` optimizer steps."""
     if not enabled:
+        return jnp.zeros_like(step)
+    if tau > jnp.iinfo(jnp.asarray(step).dtype).max:  # beyond the step's range (see _is_multiple)
         return jnp.zeros_like(step)
     return step // tau
 

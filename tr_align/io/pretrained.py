@@ -94,7 +94,7 @@ def load(model_cfg, param_shardings=None):
         source = resolve(source)
         shardings = None
         if param_shardings is not None:
-            config = hf.config_from_hf(hf.read_config(source), source)
+            config = hf.config_from_hf(hf.read_config(source), os.path.join(source, "config.json"))
             init_fn, _ = hf.model_fns(config)
             shardings = param_shardings(config, jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
         _, params, config = hf.load_pretrained(source, shardings=shardings)

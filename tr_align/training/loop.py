@@ -167,6 +167,7 @@ def num_steps(train_cfg, num_examples: int) -> int:
 
 def load_data(config, model_config, *, progress: bool = True) -> pipeline.Data:
     """The run's train/eval data (``config.data``); raises DataError/ConfigError on bad input."""
+    config_lib.check_model_fits_data(config, model_config)  # a pretrained model's context
     data, tokenizer = pipeline.from_config(
         config, vocab_size=model_config.vocab_size, progress=progress
     )

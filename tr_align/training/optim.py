@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optax
 
+from tr_align.errors import ConfigError
+
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -12,6 +14,11 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
     linear or cosine decay to ``learning_rate * end_lr_factor`` at ``total_steps``
     (or constant)."""
     lr, warmup = float(cfg.learning_rate), int(cfg.warmup_steps)
+    if warmup > total_steps:  # train.steps is checked up front; train.epochs only here
+        raise ConfigError(
+            f"optimizer.warmup_steps={warmup}: must be <= the run's {total_steps} steps (the "
+            "learning rate would never reach its peak)"
+        )
     end = lr * float(cfg.end_lr_factor)
     decay_steps = max(total_steps - warmup, 1)
     if cfg.schedule == "linear":
