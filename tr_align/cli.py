@@ -78,6 +78,8 @@ ERRORS = (
     (errors.ModelNotFoundError, None, 2),
     (errors.MissingDependencyError, None, 2),
     (errors.RemoteError, None, 2),
+    (errors.CheckpointError, "checkpoint error", 1),
+    (errors.Interrupted, None, errors.EXIT_RESUME),
     # errors.NonFiniteError; the training loop still raises the built-in FloatingPointError
     (FloatingPointError, None, 1),
     (errors.Error, None, 2),
@@ -129,11 +131,16 @@ def _train(argv, command="train") -> None:
     FLAGS = flags.FLAGS
 
     def body():
+        from tr_align.training import interrupt
+
+        interrupt.install_startup_handlers()  # before the slow imports and the start-up
         from tr_align.training import loop
 
         if command == "sft":
             FLAGS.config.loss.type = "sft"
-        loop.run(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step)
+        summary = loop.run(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step)
+        if summary.get("signal"):  # stopped by a signal or a preemption, state saved
+            sys.exit(errors.EXIT_RESUME)
 
     _run_app(argv, command, body)
 

@@ -109,6 +109,10 @@ def validate(config, num_devices: int) -> None:
         v = _get(config, key)
         _check(_is_int(v) and v >= 1, key, v, "must be an integer >= 1")
     _check(_is_int(t.seed), "train.seed", t.seed, "must be an integer")
+    v = get_optional(config, "checkpoint.async_save")
+    _check(isinstance(v, bool), "checkpoint.async_save", v, "must be True or False")
+    v = get_optional(config, "checkpoint.timeout_s")
+    _check(_is_num(v) and v > 0, "checkpoint.timeout_s", v, "must be a number of seconds > 0")
     epochs = get_optional(config, "train.epochs")
     _check(
         _is_num(epochs) and epochs >= 0,
