@@ -79,6 +79,7 @@ ERRORS = (
     (errors.MissingDependencyError, None, 2),
     (errors.RemoteError, None, 2),
     (errors.CheckpointError, "checkpoint error", 1),
+    (errors.WorkdirError, "workdir error", 1),
     (errors.Interrupted, None, errors.EXIT_RESUME),
     # errors.NonFiniteError; the training loop still raises the built-in FloatingPointError
     (FloatingPointError, None, 1),

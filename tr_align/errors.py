@@ -55,6 +55,11 @@ class NonFiniteError(Error, FloatingPointError):
     last good checkpoint."""
 
 
+class WorkdirError(Error, OSError):
+    """The run directory, or a file in it, cannot be created or written (read-only, full,
+    not a directory); the message names the path and the OS error."""
+
+
 class CheckpointError(Error, OSError):
     """A checkpoint could not be written (a full disk, a read-only or not-a-directory
     ``WORKDIR/checkpoints``, a stalled filesystem) or none of the saved ones can be read; the

@@ -23,7 +23,7 @@ import json
 import os
 
 from tr_align import defaults, hf
-from tr_align.errors import CheckpointError, ConfigError, RunDirError
+from tr_align.errors import CheckpointError, ConfigError, RunDirError, WorkdirError
 from tr_align.training import checkpoint, metrics
 
 CONFIG_FILE = "config.json"
@@ -46,6 +46,10 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     )
 
 
+def _os_error(e: OSError) -> str:
+    return f"{e.strerror or e} (errno {e.errno})" if e.errno else str(e)
+
+
 class RunDir:
     """The files of one run directory (module docstring)."""
 
@@ -65,16 +69,33 @@ class RunDir:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
 
+    def create(self) -> None:
+        """Creates the directory (and its parents) if missing; WorkdirError when it cannot."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise WorkdirError(
+                f"{self.path}: cannot create the run directory: {_os_error(e)}"
+            ) from None
+
     def _write_text(self, name: str, text: str) -> None:
         """Writes ``name`` atomically: a temporary file renamed over it, so a kill never
-        leaves it empty or half-written."""
-        os.makedirs(self.path, exist_ok=True)
+        leaves it empty or half-written; WorkdirError (path and OS error) when it fails."""
+        self.create()
         tmp = self.file(f".{name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.file(name))
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.file(name))
+        except OSError as e:
+            if os.path.exists(tmp):
+                try:
+                    os.remove(tmp)
+                except OSError:
+                    pass
+            raise WorkdirError(f"{self.file(name)}: cannot write: {_os_error(e)}") from None
 
     def _write_json(self, name: str, value) -> None:
         self._write_text(name, json.dumps(value, indent=2))

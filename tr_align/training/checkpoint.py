@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -44,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 
 from tr_align.errors import CheckpointError
@@ -68,8 +70,8 @@ def manager(
     path = directory(workdir)
     if os.path.lexists(path) and not os.path.isdir(path):
         raise CheckpointError(
-            f"{path}: not a directory ({_os_error_text(NotADirectoryError(errno.ENOTDIR, ''))}); "
-            "checkpoints cannot be written there (move the file away)"
+            f"{path}: {_os_error_text(NotADirectoryError(errno.ENOTDIR, ''))}: a file where the "
+            "checkpoint directory should be (move it away)"
         )
     try:
         return ocp.CheckpointManager(
@@ -208,7 +210,9 @@ def _sha256(path: str) -> str:
 def write_manifest(step_dir: str) -> None:
     """Writes ``step_dir/tr_align_manifest.json`` (size and SHA-256 of every file), atomically
     (a temporary file renamed into place)."""
-    files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel))} for rel in _files(step_dir)}
+    files = {
+        rel: {"size": os.path.getsize(os.path.join(step_dir, rel))} for rel in _files(step_dir)
+    }
     for rel, entry in files.items():
         entry["sha256"] = _sha256(os.path.join(step_dir, rel))
     tmp = os.path.join(step_dir, MANIFEST + ".tmp")
@@ -363,6 +367,23 @@ class _Watchdog:
         self._done.set()
 
 
+class _DropOrbaxErrors(logging.Filter):
+    """Drops orbax's ERROR logs (a traceback per failed thread of a failed save: hundreds of
+    lines) while absl logs at WARNING or less: the CheckpointError line says what failed."""
+
+    def filter(self, record):
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            return absl_logging.get_verbosity() >= absl_logging.INFO
+        return True
+
+
+def quiet_orbax_errors() -> None:
+    """Installs ``_DropOrbaxErrors`` on absl's logger (once)."""
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
+        logger.addFilter(_DropOrbaxErrors())
+
+
 # ----------------------------------------------------------------------------- the loop's
 
 
@@ -385,6 +406,7 @@ class Checkpoints:
         self.async_save = bool(async_save)
         self.timeout_s = float(timeout_s)
         self.report = report or _report
+        quiet_orbax_errors()
         self.mngr = manager(workdir, max_to_keep=max_to_keep, timeout_s=timeout_s)
         self.last_good: int | None = None
         self._pending: int | None = None  # a started save not yet known to be complete

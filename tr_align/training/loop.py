@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -215,8 +214,8 @@ def run(
     built = build(config, devices, progress=progress and is_main)
     mesh = built.mesh
     data = built.data
-    os.makedirs(workdir, exist_ok=True)
     run_dir = RunDir(workdir)
+    run_dir.create()
     if is_main:
         print(pipeline.describe(data.report), flush=True)
         run_dir.write_data_report(data.report)
