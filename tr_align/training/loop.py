@@ -364,9 +364,8 @@ def run(
             writer.close()
 
     done = int(jax.device_get(state.step))
-    if not last or not eval_metrics:  # no step ran (a finished run) or no eval this time
-        logged_train, logged_eval = run_dir.last_metrics(done)
-        last, eval_metrics = last or logged_train, eval_metrics or logged_eval
+    if done == start:  # no step ran (a rerun of a finished run): the logged last metrics
+        last, eval_metrics = run_dir.last_metrics(done)
     summary = {
         "step": done,
         "total_steps": total,
@@ -391,7 +390,7 @@ def _print_summary(s, workdir, *, interrupted):
         f"in {s['wall_time_s']:.1f}s"
     ]
     ev = s["eval"]
-    if ev:
+    if "eval/init_rewards/accuracies" in ev:
         vs_ref = (
             f"vs current reference: {ev['eval/rewards/accuracies']:.3f}   "
             if "eval/rewards/accuracies" in ev
