@@ -120,6 +120,9 @@ def _run_app(argv, command, body) -> None:
 
 
 def _train(argv, command="train") -> None:
+    from tr_align.training import interrupt
+
+    interrupt.install_startup_handlers()  # first thing: before the slow imports and start-up
     from absl import flags
 
     _define_config_flag()
@@ -132,9 +135,6 @@ def _train(argv, command="train") -> None:
     FLAGS = flags.FLAGS
 
     def body():
-        from tr_align.training import interrupt
-
-        interrupt.install_startup_handlers()  # before the slow imports and the start-up
         from tr_align.training import loop
 
         if command == "sft":

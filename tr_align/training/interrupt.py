@@ -63,9 +63,9 @@ def install_startup_handlers(message_suffix: str = "") -> None:
     def handle(signum, frame):
         name = signal.Signals(signum).name
         print(
-            f"tr-align: {name} during start-up, before the first step: stopped, nothing new to "
-            f"save (checkpoints on disk are untouched){message_suffix}; rerun the same command "
-            f"to resume (exit code {EXIT_RESUME})",
+            f"tr-align: {name} outside the training steps (start-up or wrap-up): stopped, "
+            f"nothing new to save (checkpoints on disk are untouched){message_suffix}; rerun "
+            f"the same command to resume (exit code {EXIT_RESUME})",
             file=sys.stderr,
             flush=True,
         )
@@ -73,7 +73,7 @@ def install_startup_handlers(message_suffix: str = "") -> None:
         os._exit(EXIT_RESUME)
 
     if threading.current_thread() is threading.main_thread():
-        for sig in _handled_signals():
+        for sig in _SIGNALS:  # (JAX's preemption service, once started, takes SIGTERM over)
             signal.signal(sig, handle)
 
 
