@@ -80,7 +80,6 @@ ERRORS = (
     (errors.RemoteError, None, 2),
     (errors.CheckpointError, "checkpoint error", 1),
     (errors.WorkdirError, "workdir error", 1),
-    (errors.Interrupted, None, errors.EXIT_RESUME),
     # errors.NonFiniteError; the training loop still raises the built-in FloatingPointError
     (FloatingPointError, None, 1),
     (errors.Error, None, 2),

@@ -66,11 +66,6 @@ class CheckpointError(Error, OSError):
     message names the path, the OS error and the last good checkpoint."""
 
 
-class Interrupted(Error):
-    """SIGINT/SIGTERM before the first training step (nothing new to save) or a preemption;
-    rerunning the same command resumes. The CLI exits with ``EXIT_RESUME``."""
-
-
 # The exit code of a run that stopped on a signal or a preemption notice, with its state
 # saved (or nothing yet to save): "rerun the same command to resume". The launch scripts
 # (launch/*) retry on it. 75 = EX_TEMPFAIL of sysexits.h.
