@@ -160,6 +160,10 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, shardings, *, re
             + (f"resuming from step {chosen[0]}" if chosen else "no older checkpoint to use")
         )
     if bad:
+        if jax.process_count() > 1:  # every process lists the steps after process 0 moved them
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("tr_align_checkpoints_set_aside")
         mngr.reload()
     return chosen
 
