@@ -140,7 +140,11 @@ def get_config(preset: str | None = None):
     # take precedence over tr_align.sharding.DEFAULT_RULES, e.g. (("embed", None),).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=()))
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, max_to_keep=2))
+    # async_save: write checkpoints in the background while the next steps run; timeout_s: a
+    # save or restore that takes longer ends the run (one line, exit 1) instead of hanging.
+    c.checkpoint = ml_collections.ConfigDict(
+        dict(every_steps=100, max_to_keep=2, async_save=False, timeout_s=1200)
+    )
 
     if preset:
         if preset not in trust_region.PRESETS:

@@ -12,6 +12,9 @@
 #   --gpus LIST         CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (default: all GPUs)
 #   --mem-fraction F    XLA_PYTHON_CLIENT_MEM_FRACTION: share of each GPU's memory jax may
 #                       preallocate (default 0.95; jax's own default is 0.75)
+#   --max-restarts N    rerun `tr-align train` up to N times when it exits with 75 (stopped by
+#                       SIGTERM/SIGINT or a preemption notice, state checkpointed: "resume
+#                       me"); default 3; 0 = never. Any other exit code ends the script with it
 #   --no-install        skip the venv / pip install step
 #   --dry-run           print the commands, run nothing
 #   -- ARGS...          passed on to `tr-align train`
@@ -22,6 +25,8 @@ WORKDIR=runs/gpu
 VENV=.venv
 GPUS=""
 MEM_FRACTION=0.95
+MAX_RESTARTS=3
+EXIT_RESUME=75  # tr-align train: interrupted with a checkpoint, rerun to resume
 INSTALL=1
 DRY_RUN=0
 TRAIN_ARGS=()
@@ -53,6 +58,7 @@ while [[ $# -gt 0 ]]; do
     --venv) VENV="$val" ;;
     --gpus) GPUS="$val" ;;
     --mem-fraction) MEM_FRACTION="$val" ;;
+    --max-restarts) MAX_RESTARTS="$val" ;;
     *) die "unknown option $key" ;;
   esac
 done
@@ -68,9 +74,23 @@ command -v nvidia-smi >/dev/null && [[ $DRY_RUN == 0 ]] && nvidia-smi -L || true
 envs=(XLA_PYTHON_CLIENT_MEM_FRACTION="$MEM_FRACTION")
 [[ -z "$GPUS" ]] || envs=(CUDA_VISIBLE_DEVICES="$GPUS" "${envs[@]}")
 run mkdir -p "$WORKDIR"
+echo "# rerun on exit $EXIT_RESUME (resume), at most $MAX_RESTARTS times:"
 echo "$(show env "${envs[@]}" "$VENV/bin/tr-align" train --config="$CONFIG" --workdir="$WORKDIR" \
   "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}") 2>&1 | tee -a $(quote "$WORKDIR/train.log")"
 if [[ $DRY_RUN == 0 ]]; then
-  env "${envs[@]}" "$VENV/bin/tr-align" train --config="$CONFIG" --workdir="$WORKDIR" \
-    "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}" 2>&1 | tee -a "$WORKDIR/train.log"
+  STOPPING=0  # this script was signalled itself: no restart after the run stops
+  trap 'STOPPING=1' TERM INT
+  restarts=0
+  while true; do
+    set +e
+    env "${envs[@]}" "$VENV/bin/tr-align" train --config="$CONFIG" --workdir="$WORKDIR" \
+      "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}" 2>&1 | tee -a "$WORKDIR/train.log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    if [[ $rc != "$EXIT_RESUME" || $STOPPING == 1 || $restarts -ge $MAX_RESTARTS ]]; then
+      exit "$rc"
+    fi
+    restarts=$((restarts + 1))
+    echo "gpu_local.sh: tr-align exited $rc (stopped with a checkpoint): resuming, restart $restarts/$MAX_RESTARTS" >&2
+  done
 fi

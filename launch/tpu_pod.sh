@@ -25,6 +25,10 @@
 #   --workdir DIR            run directory, the same path on every worker; a multi-host slice
 #                            needs one all workers see (the --bucket mount, an NFS share):
 #                            tr-align writes it with local file APIs, so not a gs:// URL
+#   --max-restarts N         on every worker, rerun `tr-align train` up to N times when it
+#                            exits with 75 (stopped by SIGTERM or a preemption notice, with
+#                            a checkpoint: "resume me"; all workers stop at the same step);
+#                            default 3. A preempted Spot VM is gone: rerun this script
 #   --delete                 delete the TPU VM when training ends
 #   --dry-run                print the commands, run nothing
 #   -- ARGS...               passed on to `tr-align train` (e.g. --config.train.steps=1000)
@@ -42,6 +46,7 @@ CONFIG=configs/default.py
 BUCKET=""
 WORKDIR=""
 DELETE=0
+MAX_RESTARTS=3
 DRY_RUN=0
 TRAIN_ARGS=()
 # shellcheck disable=SC2088  # expanded on the workers, inside their --command
@@ -82,6 +87,7 @@ while [[ $# -gt 0 ]]; do
     --config) CONFIG="$val" ;;
     --bucket) BUCKET="${val#gs://}" ;;
     --workdir) WORKDIR="$val" ;;
+    --max-restarts) MAX_RESTARTS="$val" ;;
     *) die "unknown option $key" ;;
   esac
 done
@@ -136,10 +142,11 @@ if [[ -n "$BUCKET" ]]; then
   on_all "command -v gcsfuse >/dev/null || { echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }; mountpoint -q /mnt/gcs || { sudo mkdir -p /mnt/gcs && sudo chown \$(id -u):\$(id -g) /mnt/gcs && gcsfuse --implicit-dirs $BUCKET /mnt/gcs; }"
 fi
 
-# 4. The same command on every worker (jax joins them into one job); rerun to resume.
-train="cd $REMOTE_DIR && python3 -m tr_align train --config=$CONFIG --workdir=$WORKDIR"
-for a in "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"; do printf -v q '%q' "$a"; train+=" $q"; done
-on_all "$train 2>&1 | tee -a ~/tr_align_train.log"
+# 4. The same command on every worker (jax joins them into one job), rerun on exit 75
+#    (stopped with a checkpoint) at most MAX_RESTARTS times; rerun this script to resume.
+cmd="python3 -m tr_align train --config=$CONFIG --workdir=$WORKDIR"
+for a in "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"; do printf -v q '%q' "$a"; cmd+=" $q"; done
+on_all "cd $REMOTE_DIR && for attempt in \$(seq 0 $MAX_RESTARTS); do $cmd 2>&1 | tee -a ~/tr_align_train.log; rc=\${PIPESTATUS[0]}; [ \$rc = 75 ] || break; echo \"tr-align exited 75: resuming\" >&2; done; exit \$rc"
 
 if [[ $DELETE == 1 ]]; then
   run "${GCLOUD[@]}" delete "$NAME" "${WHERE[@]}" --quiet

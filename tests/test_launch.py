@@ -5,6 +5,8 @@ import os
 import shlex
 import subprocess
 
+import pytest
+
 from conftest import REPO
 
 
@@ -79,7 +81,7 @@ def test_tpu_pod_dry_run_prints_create_copy_install_and_train_on_all_workers(tmp
     remote = [c[8].removeprefix("--command=") for c in ssh]
     assert "pip install -q -e . " in remote[1] and "jax[tpu]" in remote[1]
     assert "gcsfuse --implicit-dirs my-bucket /mnt/gcs" in remote[2]
-    train = shlex.split(remote[3].split(" && ", 1)[1].split(" 2>&1 ")[0])
+    train = shlex.split(remote[3].split("; do ", 1)[1].split(" 2>&1 ")[0])
     assert train == [
         "python3",
         "-m",
@@ -90,7 +92,11 @@ def test_tpu_pod_dry_run_prints_create_copy_install_and_train_on_all_workers(tmp
         "--config.train.steps=10",
         "--config.loss.type=ipo",
     ]
-    assert remote[3].startswith("cd ~/tr_align && ") and "tee -a ~/tr_align_train.log" in remote[3]
+    assert remote[3].startswith("cd ~/tr_align && for attempt in $(seq 0 3); do python3 ")
+    assert "tee -a ~/tr_align_train.log" in remote[3]
+    # rerun while it exits 75 (stopped with a checkpoint), then pass its code on
+    assert "rc=${PIPESTATUS[0]}; [ $rc = 75 ] || break;" in remote[3]
+    assert remote[3].endswith("done; exit $rc")
 
 
 def test_tpu_pod_v5e_git_clone_and_bad_options(tmp_path):
@@ -220,3 +226,53 @@ def test_slurm_gives_each_task_its_process_id(tmp_path):
     lines = [line for line in out.splitlines() if not line.startswith("+ ")]
     args = "train --config=configs/default.py --workdir=/shared/run"
     assert lines == [f"gpu01:2222 2 0 {args}", f"gpu01:2222 2 1 {args}"]
+
+
+def _counting_tr_align(tmp_path, codes):
+    """A stand-in tr-align that exits with codes[k] on its k-th run (the last one after)."""
+    venv = tmp_path / "venv"
+    table = " ".join(str(c) for c in codes)
+    _fake_bin(
+        venv,
+        "tr-align",
+        f"n=$(cat {tmp_path}/runs 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/runs\n"
+        f'set -- {table}; shift $(( n < $# ? n : $# - 1 )); echo "run $n"; exit $1',
+    )
+    return venv
+
+
+@pytest.mark.parametrize(
+    "codes, extra, runs, rc",
+    [
+        ((75, 75, 0), [], 3, 0),  # resumed twice, then done
+        ((75,), ["--max-restarts=1"], 2, 75),  # gives up after its restarts
+        ((1, 0), [], 1, 1),  # a failure is not retried
+    ],
+)
+def test_gpu_local_reruns_on_exit_75(tmp_path, codes, extra, runs, rc):
+    venv = _counting_tr_align(tmp_path, codes)
+    got, _, out, err = _launch(
+        "gpu_local.sh",
+        "--no-install",
+        f"--venv={venv}",
+        f"--workdir={tmp_path / 'run'}",
+        *extra,
+        tmp_path=tmp_path,
+    )
+    assert got == rc, err
+    assert int((tmp_path / "runs").read_text()) == runs
+    assert err.count("resuming, restart") == runs - 1
+
+
+def test_slurm_reruns_srun_on_exit_75(tmp_path):
+    venv = _counting_tr_align(tmp_path, (75, 0))
+    srun = 'while [ "${1#--}" != "$1" ]; do shift; done\n"$@"'
+    env = _slurm_env(tmp_path, VENV=str(venv))
+    env["PATH"] = f"{_fake_bin(tmp_path / 'stand-in', 'srun', srun)}:{env['PATH']}"
+    rc, _, out, err = _launch("slurm.sbatch", "--workdir=/shared/run", env=env, tmp_path=tmp_path)
+    assert rc == 0, err
+    assert int((tmp_path / "runs").read_text()) == 2 and "resuming, restart 1/3" in err
+    env["MAX_RESTARTS"] = "0"
+    (tmp_path / "runs").unlink()
+    rc, _, _, err = _launch("slurm.sbatch", "--workdir=/shared/run", env=env, tmp_path=tmp_path)
+    assert rc == 75 and int((tmp_path / "runs").read_text()) == 1

@@ -141,6 +141,72 @@ def test_sigint_finishes_the_step_and_checkpoints(tiny_config, tmp_path, monkeyp
     monkeypatch.setattr(sharding, "put_batch", put_and_interrupt)
     config = tiny_config(**{"checkpoint.every_steps": 100})
     summary = loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:1])
-    assert summary["step"] == 3
+    assert summary["step"] == 3 and summary["signal"] == "SIGINT"  # the CLI exits 75
     assert checkpoint.manager(str(tmp_path), max_to_keep=5).all_steps() == [3]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_nonfinite_before_any_checkpoint_says_there_is_none(tiny_config, tmp_path):
+    config = tiny_config(
+        **{
+            "optimizer.learning_rate": 1e30,
+            "optimizer.warmup_steps": 0,
+            "optimizer.schedule": "constant",
+            "optimizer.max_grad_norm": 0.0,
+            "checkpoint.every_steps": 100,
+            "train.steps": 20,
+        }
+    )
+    with pytest.raises(FloatingPointError) as e:
+        loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:1])
+    assert "checkpoint is step" not in str(e.value)
+    assert "there is no checkpoint yet (a rerun starts from step 0)" in str(e.value)
+    assert checkpoint.saved_steps(str(tmp_path)) == []
+
+
+def test_restart_without_checkpoint_and_rerun_of_finished_run_keep_metrics_and_summary(
+    tiny_config, tmp_path
+):
+    """G: a run killed before its first checkpoint, rerun, has one step-0 eval row. E: a
+    no-op rerun of the finished run, or one after a kill between the final checkpoint and
+    summary.json, keeps the summary's last train / eval metrics."""
+    config = tiny_config()
+    loop.run(config, str(tmp_path), stop_at_step=2, progress=False, devices=jax.devices()[:1])
+    shutil.rmtree(tmp_path / "checkpoints")  # as if killed before the first checkpoint
+    loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:1])
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    steps = [(r["step"], "loss" in r) for r in records]
+    assert len(steps) == len(set(steps))  # no row twice
+    assert [r["step"] for r in records if "eval/loss" in r] == [0, 3, 6]
+    first = json.loads((tmp_path / "summary.json").read_text())
+    last_train = {k: v for k, v in records[-2].items() if k not in ("step", "time")}
+    last_eval = {k: v for k, v in records[-1].items() if k not in ("step", "time")}
+    assert first["train"] == last_train and first["eval"] == last_eval and last_eval
+
+    for kill_before_summary in (False, True):
+        if kill_before_summary:
+            os.remove(tmp_path / "summary.json")
+        again = loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:1])
+        on_disk = json.loads((tmp_path / "summary.json").read_text())
+        assert on_disk["step"] == again["step"] == 6
+        assert on_disk["train"] == last_train and on_disk["eval"] == last_eval
+        assert read_jsonl(tmp_path / "metrics.jsonl") == records  # untouched
+
+
+def test_preemption_sync_point_checkpoints_and_stops(tiny_config, tmp_path, monkeypatch):
+    """Cloud TPU: at the step JAX's preemption service agrees on, every host checkpoints and
+    the run stops as for a signal (the CLI then exits 75)."""
+    from tr_align.training import interrupt
+
+    seen = []
+
+    def reached(step):
+        seen.append(step)
+        return step == 2
+
+    monkeypatch.setattr(interrupt, "preemption_reached", reached)
+    config = tiny_config(**{"checkpoint.every_steps": 100})
+    summary = loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:1])
+    assert seen == [1, 2] and summary["step"] == 2 and summary["signal"] == "preemption"
+    assert checkpoint.saved_steps(str(tmp_path)) == [2]
+    assert json.loads((tmp_path / "summary.json").read_text())["signal"] == "preemption"

@@ -83,6 +83,8 @@ ERRORS = (
     (errors.ModelError, "model error", 2),
     (errors.MissingDependencyError, None, 2),
     (errors.RemoteError, None, 2),
+    (errors.CheckpointError, "checkpoint error", 1),
+    (errors.WorkdirError, "workdir error", 1),
     # errors.NonFiniteError; the training loop still raises the built-in FloatingPointError
     (FloatingPointError, None, 1),
     (errors.Error, None, 2),
@@ -164,6 +166,9 @@ def _run_app(argv, command, body) -> None:
 
 
 def _train(argv, command="train") -> None:
+    from tr_align.training import interrupt
+
+    interrupt.install_startup_handlers()  # first thing: before the slow imports and start-up
     from absl import flags
 
     _define_config_flag()
@@ -180,7 +185,9 @@ def _train(argv, command="train") -> None:
 
         if command == "sft":
             FLAGS.config.loss.type = "sft"
-        loop.run(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step)
+        summary = loop.run(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step)
+        if summary.get("signal"):  # stopped by a signal or a preemption, state saved
+            sys.exit(errors.EXIT_RESUME)
 
     _run_app(argv, command, body)
 

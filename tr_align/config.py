@@ -156,6 +156,10 @@ def validate(config, num_devices: int) -> None:
         t.seed,
         "must be an integer in [0, 2**32)",
     )
+    v = get_optional(config, "checkpoint.async_save")
+    _check(isinstance(v, bool), "checkpoint.async_save", v, "must be True or False")
+    v = get_optional(config, "checkpoint.timeout_s")
+    _check(_is_num(v) and v > 0, "checkpoint.timeout_s", v, "must be a number of seconds > 0")
     epochs = get_optional(config, "train.epochs")
     _check(
         _is_num(epochs) and epochs >= 0,

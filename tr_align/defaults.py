@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Default] = {
         "(several sequences per row) | none (one padded row per sequence); all exact",
     ),
     "data.pack_length": Default(0, "tokens per packed row; 0 = the bucket of the longest segment"),
+    "checkpoint.async_save": Default(False, "write checkpoints while the next steps run"),
+    "checkpoint.timeout_s": Default(1200, "a checkpoint save/restore that takes longer aborts"),
 }
 
 

@@ -60,3 +60,20 @@ class RemoteError(Error, RuntimeError):
 class NonFiniteError(Error, FloatingPointError):
     """The loss or the gradient norm became non-finite; the message names the step and the
     last good checkpoint."""
+
+
+class WorkdirError(Error, OSError):
+    """The run directory, or a file in it, cannot be created or written (read-only, full,
+    not a directory); the message names the path and the OS error."""
+
+
+class CheckpointError(Error, OSError):
+    """A checkpoint could not be written (a full disk, a read-only or not-a-directory
+    ``WORKDIR/checkpoints``, a stalled filesystem) or none of the saved ones can be read; the
+    message names the path, the OS error and the last good checkpoint."""
+
+
+# The exit code of a run that stopped on a signal or a preemption notice, with its state
+# saved (or nothing yet to save): "rerun the same command to resume". The launch scripts
+# (launch/*) retry on it. 75 = EX_TEMPFAIL of sysexits.h.
+EXIT_RESUME = 75

@@ -23,7 +23,7 @@ import json
 import os
 
 from tr_align import defaults, hf
-from tr_align.errors import ConfigError, RunDirError
+from tr_align.errors import CheckpointError, ConfigError, RunDirError, WorkdirError
 from tr_align.training import checkpoint, metrics
 
 CONFIG_FILE = "config.json"
@@ -46,6 +46,10 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     )
 
 
+def _os_error(e: OSError) -> str:
+    return f"{e.strerror or e} (errno {e.errno})" if e.errno else str(e)
+
+
 class RunDir:
     """The files of one run directory (module docstring)."""
 
@@ -65,10 +69,36 @@ class RunDir:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
 
+    def create(self) -> None:
+        """Creates the directory (and its parents) if missing; WorkdirError when it cannot."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise WorkdirError(
+                f"{self.path}: cannot create the run directory: {_os_error(e)}"
+            ) from None
+
+    def _write_text(self, name: str, text: str) -> None:
+        """Writes ``name`` atomically: a temporary file renamed over it, so a kill never
+        leaves it empty or half-written; WorkdirError (path and OS error) when it fails."""
+        self.create()
+        tmp = self.file(f".{name}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.file(name))
+        except OSError as e:
+            if os.path.exists(tmp):
+                try:
+                    os.remove(tmp)
+                except OSError:
+                    pass
+            raise WorkdirError(f"{self.file(name)}: cannot write: {_os_error(e)}") from None
+
     def _write_json(self, name: str, value) -> None:
-        os.makedirs(self.path, exist_ok=True)
-        with open(self.file(name), "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2)
+        self._write_text(name, json.dumps(value, indent=2))
 
     # ------------------------------------------------------------------------- reading
 
@@ -108,6 +138,22 @@ class RunDir:
         cfg = self.config()
         return defaults.get(cfg, "data.tokenizer") or defaults.get(cfg, "model.pretrained")
 
+    def last_metrics(self, step: int | None = None) -> tuple[dict, dict]:
+        """``(train, eval)``: the newest train record (one with ``loss``) and the newest eval
+        record (``eval/...`` keys) of ``metrics.jsonl`` at or before ``step`` (None = any),
+        without ``step`` and ``time``; ``{}`` where there is none. What a run's summary holds
+        when the run itself ran no step (a rerun of a finished run)."""
+        train, evals = {}, {}
+        for r in self.metrics():
+            if step is not None and r.get("step", 0) > step:
+                continue
+            plain = {k: v for k, v in r.items() if k not in ("step", "time")}
+            if "loss" in r:
+                train = plain
+            elif any(k.startswith("eval/") for k in r):
+                evals = plain
+        return train, evals
+
     def checkpoint_steps(self) -> list[int]:
         """Steps of the finished checkpoints, oldest first."""
         return checkpoint.saved_steps(self.path)
@@ -130,6 +176,9 @@ class RunDir:
                 f"{self.file(CHECKPOINT_DIR)}: no checkpoint"
                 f"{'' if step is None else f' at step {step}'} (available: {steps})"
             )
+        problem = checkpoint.verify(os.path.join(self.file(CHECKPOINT_DIR), str(step)))
+        if problem not in (None, checkpoint.UNVERIFIED):
+            raise CheckpointError(f"{self.file(CHECKPOINT_DIR)}/{step}: unusable: {problem}")
         params = checkpoint.restore_host(self.path, step, STATE_FIELDS[which])
         if params is None:
             raise RunDirError(
@@ -142,9 +191,7 @@ class RunDir:
 
     def write_config(self, config) -> None:
         """``config.json`` of an ml_collections config."""
-        os.makedirs(self.path, exist_ok=True)
-        with open(self.file(CONFIG_FILE), "w", encoding="utf-8") as f:
-            f.write(config.to_json(indent=2))
+        self._write_text(CONFIG_FILE, config.to_json(indent=2))
 
     def write_model_config(self, model_config) -> None:
         self._write_json(MODEL_CONFIG_FILE, hf.config_to_hf(model_config))

@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-import signal
-import threading
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,31 +30,8 @@ from tr_align.io import pretrained
 from tr_align.io.rundir import SUMMARY_PLOT, RunDir
 from tr_align.models import count_params
 from tr_align.training import build as build_lib
-from tr_align.training import checkpoint, plotting
+from tr_align.training import checkpoint, interrupt, plotting
 from tr_align.training.metrics import MetricWriter
-
-
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag: the loop finishes the step, checkpoints and exits."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def _check_finite(step, metrics, last_ckpt):
@@ -64,8 +39,8 @@ def _check_finite(step, metrics, last_ckpt):
     if bad:
         raise errors.NonFiniteError(
             f"{' and '.join(bad)} became non-finite at step {step}; the run stopped without "
-            f"saving. The last good checkpoint is step {last_ckpt} (lower optimizer.learning_rate "
-            f"or loss.beta and rerun to resume from it)."
+            f"saving; {checkpoint.describe_last_good(last_ckpt)} (lower "
+            f"optimizer.learning_rate or loss.beta and rerun)."
         )
 
 
@@ -240,8 +215,8 @@ def run(
     built = build(config, devices, progress=progress and is_main)
     mesh = built.mesh
     data = built.data
-    os.makedirs(workdir, exist_ok=True)
     run_dir = RunDir(workdir)
+    run_dir.create()
     if is_main:
         print(pipeline.describe(data.report), flush=True)
         run_dir.write_data_report(data.report)
@@ -262,8 +237,13 @@ def run(
         process_count=jax.process_count(),
         **built.program.loader_kwargs(),
     )
-    mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.max_to_keep)
-    restored = checkpoint.restore_latest(mngr, built.abstract_state, built.state_shardings)
+    ckpts = checkpoint.Checkpoints(
+        workdir,
+        max_to_keep=config.checkpoint.max_to_keep,
+        async_save=defaults.get(config, "checkpoint.async_save"),
+        timeout_s=defaults.get(config, "checkpoint.timeout_s"),
+    )
+    restored = ckpts.restore(built.abstract_state, built.state_shardings)
     if restored is None:
         start, init_logps = 0, None
         state = built.init()
@@ -283,7 +263,10 @@ def run(
         layout_kwargs=built.program.loader_kwargs(eval=True),
     )
 
-    writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
+    # a fresh start (no usable checkpoint) drops every earlier record, step 0's eval included
+    writer = MetricWriter(
+        workdir, resume_step=start if restored is not None else -1, enabled=is_main
+    )
     if init_logps is None:
         zeros = tuple(np.zeros(len(data.eval), np.float32) for _ in range(2))
         eval_metrics, init_logps = evaluate(state, init_logps=zeros)
@@ -305,7 +288,6 @@ def run(
         )
 
     last = {}
-    last_ckpt = start
     pending = None
 
     postfix = {}  # progress-bar fields: last train metrics and the latest held-out accuracy
@@ -317,7 +299,7 @@ def run(
         step, m, host = pending
         pending = None
         m = jax.device_get(m)
-        _check_finite(step, m, last_ckpt)
+        _check_finite(step, m, ckpts.last_good)
         last = {**{k: float(v) for k, v in m.items()}, **host}
         writer.write(step, last)
         postfix["loss"] = f"{last['loss']:.4f}"
@@ -326,11 +308,22 @@ def run(
             postfix["ref_updates"] = int(last["ref/updates"])
         bar.set_postfix(postfix, refresh=False)
 
+    def abort(signame):  # a second signal: the one line before the process ends
+        removed = checkpoint.remove_tmp_dirs(workdir) if is_main else []
+        print(
+            f"\ntr-align: second {signame}: aborted"
+            + (f" (removed the unfinished {', '.join(removed)})" if removed else "")
+            + f"; {checkpoint.describe_last_good(ckpts.last_good)}; rerun to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+
     eval_metrics = {}
     end = total if stop_at_step is None else min(total, stop_at_step)
+    failed = True
     try:
         with (
-            _StopRequest() as stop,
+            interrupt.StopRequest(on_abort=abort) as stop,
             tqdm(
                 total=total,
                 initial=start,
@@ -347,6 +340,9 @@ def run(
                     host = _batch_stats(host_batch)
                     pending = (step, m, host)
                 bar.update(1)
+                ckpts.check()  # an async save that failed ends the run at the next step
+                if interrupt.preemption_reached(step):  # every host, every step
+                    stop.preempted()
                 final = step == end or stop.requested
                 if step % config.train.eval_every_steps == 0 or step == total:
                     flush()
@@ -356,17 +352,21 @@ def run(
                     bar.set_postfix(postfix, refresh=False)
                 if step % config.checkpoint.every_steps == 0 or final:
                     flush()
-                    _check_finite(step, jax.device_get(m), last_ckpt)
-                    checkpoint.save(mngr, step, state, data_it.get_state(), extras)
-                    last_ckpt = step
+                    _check_finite(step, jax.device_get(m), ckpts.last_good)
+                    ckpts.save(step, state, data_it.get_state(), extras)
                 if stop.requested:
                     break
             flush()
+        failed = False
     finally:  # an in-flight async save completes even when the run fails
-        mngr.wait_until_finished()
-        writer.close()
+        try:
+            ckpts.close(failing=failed)
+        finally:
+            writer.close()
 
     done = int(jax.device_get(state.step))
+    if done == start:  # no step ran (a rerun of a finished run): the logged last metrics
+        last, eval_metrics = run_dir.last_metrics(done)
     summary = {
         "step": done,
         "total_steps": total,
@@ -374,6 +374,8 @@ def run(
         "train": last,
         "eval": eval_metrics,
     }
+    if stop.requested:  # the CLI exits with errors.EXIT_RESUME
+        summary["signal"] = stop.reason
     if is_main:
         plotting.summary_plot(
             writer.path, run_dir.file(SUMMARY_PLOT), title=f"{config.loss.type}, {mode}"
@@ -389,7 +391,7 @@ def _print_summary(s, workdir, *, interrupted):
         f"in {s['wall_time_s']:.1f}s"
     ]
     ev = s["eval"]
-    if ev:
+    if "eval/init_rewards/accuracies" in ev:
         vs_ref = (
             f"vs current reference: {ev['eval/rewards/accuracies']:.3f}   "
             if "eval/rewards/accuracies" in ev

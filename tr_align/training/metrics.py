@@ -5,7 +5,8 @@ The loop fetches a step's metrics from the device while the next step runs, so f
 records this is when that step's results reached the host (consecutive differences are
 step intervals). Only process 0 writes. On resume, records past the restored step are dropped
 from ``metrics.jsonl`` (and purged from TensorBoard) so the files read as one
-uninterrupted run.
+uninterrupted run; a fresh start (``resume_step=-1``: no usable checkpoint) drops them all,
+so step 0's eval is never written twice.
 """
 
 from __future__ import annotations
@@ -22,10 +23,20 @@ TB_DIR = "tb"
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSONL file; a last line cut short (the process was killed while
+    writing it) is dropped."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    if lines:
+        try:
+            records.append(json.loads(lines[-1]))
+        except json.JSONDecodeError:
+            if lines[-1].endswith("\n"):  # a complete line that is not JSON: not a cut
+                raise
+    return records
 
 
 def _plain(v):
