@@ -209,6 +209,7 @@ def validate(config, num_devices: int) -> None:
             raise ConfigError(f"model: {e}") from None
 
     _validate_data(config)
+    _validate_resume_keys(config)
 
     try:
         shape = sharding.mesh_shape(config.mesh, num_devices)
@@ -233,6 +234,30 @@ def validate(config, num_devices: int) -> None:
         t.batch_size,
         f"must be divisible by train.grad_accum_steps * mesh.data * mesh.fsdp = {accum} * {dp} "
         "(every microbatch is split over the data-parallel devices)",
+    )
+
+
+def _validate_resume_keys(config) -> None:
+    """The numerics guard and the schedule record of a resumed run (tr_align.training.resume)."""
+    bad = get_optional(config, "train.max_bad_steps")
+    _check(_is_int(bad) and bad >= 1, "train.max_bad_steps", bad, "must be an integer >= 1")
+    ext = get_optional(config, "optimizer.schedule_extensions")
+    ok = isinstance(ext, (list, tuple)) and all(
+        isinstance(e, (list, tuple))
+        and len(e) == 3
+        and _is_int(e[0])
+        and e[0] >= 0
+        and _is_int(e[1])
+        and e[1] >= 1
+        and _is_num(e[2])
+        and e[2] >= 0
+        for e in ext
+    )
+    _check(
+        ok,
+        "optimizer.schedule_extensions",
+        ext,
+        "must be a list of [resume step >= 0, steps >= 1, epochs >= 0] (written by a resume)",
     )
 
 

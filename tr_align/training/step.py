@@ -9,6 +9,9 @@
   4. the optax update of the policy and 5. the reference update
      (``TrainState.apply_gradients``; a ``trust_region.ReferenceUpdate``, or none for a
      frozen reference: vanilla DPO/IPO/KTO).
+     A bad step (non-finite loss, gradient or updated policy) applies neither: the state
+     is kept bitwise except ``step`` (and ``rng``), and ``metrics["train/step_skipped"]``
+     is 1 (the loop counts them: ``train/skipped_steps``, ``train.max_bad_steps``).
 
 The step is jitted by ``compile_train_step`` with explicit in/out shardings and the state
 donated, so parameters never leave the device and the reference is updated in place.
@@ -59,6 +62,8 @@ def padded_keys(streams) -> tuple[str, ...]:
 
 
 PAIR_KEYS = padded_keys(("chosen", "rejected"))
+# 1 when this step's update was skipped (a non-finite loss, gradient or updated policy), else 0
+SKIPPED_METRIC = "train/step_skipped"
 
 
 @flax.struct.dataclass
@@ -69,16 +74,57 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # uint32[2] PRNG key, split once per step
 
-    def apply_gradients(self, grads, *, tx, reference_update=None) -> TrainState:
+    def apply_gradients(
+        self, grads, *, tx, reference_update=None, finite=None
+    ) -> tuple[TrainState, jax.Array]:
         """Steps 4 and 5: the optax update of the policy, then the reference update
-        (``reference_update.update(ref, params, step)``; none when it is None)."""
+        (``reference_update.update(ref, params, step)``; none when it is None).
+
+        Skipping a bad step: the update is *applied* only when ``finite`` (a traced bool,
+        e.g. "the loss and the gradient are finite"; None = True) holds and the updated
+        policy is all finite. Otherwise the policy, the reference and the optimizer state
+        (AdamW moments and count) are kept bitwise (``jnp.where`` over the trees: no
+        branch, the donated buffers are still updated in place); ``step`` advances either
+        way (it counts the batches consumed, so the schedule, the data position and the
+        checkpoints stay on the loop's step).
+
+        Returns:
+          (new state, applied: bool scalar)
+        """
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
         step = self.step + 1
         ref_params = self.ref_params
         if reference_update is not None:
             ref_params = reference_update.update(ref_params, params, step)
-        return self.replace(step=step, params=params, ref_params=ref_params, opt_state=opt_state)
+        applied = all_finite(params)
+        if finite is not None:
+            applied = jnp.logical_and(applied, finite)
+        keep = functools.partial(_select, applied)
+        return (
+            self.replace(
+                step=step,
+                params=keep(params, self.params),
+                ref_params=keep(ref_params, self.ref_params),
+                opt_state=keep(opt_state, self.opt_state),
+            ),
+            applied,
+        )
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every element of every inexact leaf of ``tree`` is finite (a bool scalar)."""
+    leaves = [
+        jnp.isfinite(x).all()
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _select(pred, new, old):
+    """``new`` where ``pred`` else ``old``, leaf by leaf (same structure)."""
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
 def init_state(
@@ -254,8 +300,13 @@ def train_step(
     grads = jax.tree.map(lambda g: g / jnp.maximum(stats["loss"][1], 1e-30), grads)
     metrics = objectives_lib.finalize(stats)
     metrics.update(objective.derived(metrics))
-    new_state = state.apply_gradients(grads, tx=tx, reference_update=reference_update)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    new_state, applied = state.apply_gradients(
+        grads, tx=tx, reference_update=reference_update, finite=finite
+    )
+    metrics["grad_norm"] = grad_norm
+    metrics[SKIPPED_METRIC] = jnp.logical_not(applied).astype(jnp.int32)
     metrics["learning_rate"] = schedule(state.step)
     if objective.needs_reference:
         ru = reference_update
