@@ -135,3 +135,26 @@ def test_memory_levers_are_optional(tiny_config):
             == (config_lib.OPTIONAL_DEFAULTS[f"{block}.{key}"])
         )
     config_lib.validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize(
+    "key,value,pattern",
+    [
+        ("train.max_bad_steps", 0, r"train\.max_bad_steps=0: must be an integer >= 1"),
+        ("train.max_bad_steps", -3, r"train\.max_bad_steps=-3"),
+        (
+            "optimizer.schedule_extensions",
+            [[3, 0, 0.0]],
+            r"optimizer\.schedule_extensions=\[\[3, 0, 0\.0\]\]: must be a list of \[resume step",
+        ),
+        ("optimizer.schedule_extensions", [[3, 6]], r"optimizer\.schedule_extensions="),
+    ],
+)
+def test_resume_and_numerics_keys_are_checked(tiny_config, key, value, pattern):
+    config = tiny_config(**{key: value})
+    with pytest.raises(ConfigError, match=pattern) as err:
+        config_lib.validate(config, num_devices=8)
+    assert "\n" not in str(err.value)
+    del config.train["max_bad_steps"]  # optional: absent means the default (10)
+    config.optimizer.schedule_extensions = [[3, 6, 0.0]]
+    config_lib.validate(config, num_devices=8)
