@@ -1,7 +1,7 @@
 """Bad steps on the host: counting skipped updates, stopping a run that keeps failing, and
 warning about a collapsed model.
 
-The train step skips the update of a step whose loss, gradient or updated policy is not
+The train step skips the update of a step whose loss or gradient (norm) is not
 finite (``tr_align.training.step``: the state is kept bitwise but for ``step`` and ``rng``)
 and reports it as ``train/step_skipped``. ``StepGuard`` reads that flag one step late (after
 the next step is dispatched, like the loop's metrics, so the host never stalls the device),

@@ -9,7 +9,7 @@
   4. the optax update of the policy and 5. the reference update
      (``TrainState.apply_gradients``; a ``trust_region.ReferenceUpdate``, or none for a
      frozen reference: vanilla DPO/IPO/KTO).
-     A bad step (non-finite loss, gradient or updated policy) applies neither: the state
+     A bad step (a non-finite loss or gradient) applies neither: the state
      is kept bitwise except ``step`` (and ``rng``), and ``metrics["train/step_skipped"]``
      is 1 (the loop counts them: ``train/skipped_steps``, ``train.max_bad_steps``).
 
@@ -62,7 +62,7 @@ def padded_keys(streams) -> tuple[str, ...]:
 
 
 PAIR_KEYS = padded_keys(("chosen", "rejected"))
-# 1 when this step's update was skipped (a non-finite loss, gradient or updated policy), else 0
+# 1 when this step's update was skipped (a non-finite loss or gradient), else 0
 SKIPPED_METRIC = "train/step_skipped"
 
 
@@ -80,51 +80,41 @@ class TrainState:
         """Steps 4 and 5: the optax update of the policy, then the reference update
         (``reference_update.update(ref, params, step)``; none when it is None).
 
-        Skipping a bad step: the update is *applied* only when ``finite`` (a traced bool,
-        e.g. "the loss and the gradient are finite"; None = True) holds and the updated
-        policy is all finite. Otherwise the policy, the reference and the optimizer state
-        (AdamW moments and count) are kept bitwise (``jnp.where`` over the trees: no
-        branch, the donated buffers are still updated in place); ``step`` advances either
-        way (it counts the batches consumed, so the schedule, the data position and the
-        checkpoints stay on the loop's step).
+        Skipping a bad step: with ``finite`` (a traced bool: "the loss and the gradient are
+        finite") the update runs under ``lax.cond``; when it is False the policy, the
+        reference and the optimizer state (AdamW moments and count) are kept bitwise. A
+        branch rather than ``jnp.where`` over the trees, so that no second copy of the
+        state is live (the donated buffers are still updated in place: the step's temp
+        memory is unchanged). ``step`` advances either way (it counts the batches
+        consumed, so the schedule, the data position and the checkpoints stay on the
+        loop's step).
 
         Returns:
-          (new state, applied: bool scalar)
+          (new state, applied: bool scalar, True when ``finite`` is None)
         """
-        updates, opt_state = tx.update(grads, self.opt_state, self.params)
-        params = optax.apply_updates(self.params, updates)
         step = self.step + 1
-        ref_params = self.ref_params
-        if reference_update is not None:
-            ref_params = reference_update.update(ref_params, params, step)
-        applied = all_finite(params)
-        if finite is not None:
-            applied = jnp.logical_and(applied, finite)
-        keep = functools.partial(_select, applied)
+
+        def update(_):
+            updates, opt_state = tx.update(grads, self.opt_state, self.params)
+            params = optax.apply_updates(self.params, updates)
+            ref_params = self.ref_params
+            if reference_update is not None:
+                ref_params = reference_update.update(ref_params, params, step)
+            return params, ref_params, opt_state
+
+        def keep(_):
+            return self.params, self.ref_params, self.opt_state
+
+        if finite is None:
+            applied = jnp.array(True)
+            params, ref_params, opt_state = update(None)
+        else:
+            applied = jnp.asarray(finite, bool)
+            params, ref_params, opt_state = jax.lax.cond(applied, update, keep, None)
         return (
-            self.replace(
-                step=step,
-                params=keep(params, self.params),
-                ref_params=keep(ref_params, self.ref_params),
-                opt_state=keep(opt_state, self.opt_state),
-            ),
+            self.replace(step=step, params=params, ref_params=ref_params, opt_state=opt_state),
             applied,
         )
-
-
-def all_finite(tree) -> jax.Array:
-    """Whether every element of every inexact leaf of ``tree`` is finite (a bool scalar)."""
-    leaves = [
-        jnp.isfinite(x).all()
-        for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _select(pred, new, old):
-    """``new`` where ``pred`` else ``old``, leaf by leaf (same structure)."""
-    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
 def init_state(
