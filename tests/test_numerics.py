@@ -158,32 +158,3 @@ def test_a_collapsed_model_warns_once(tiny_config, tmp_path, caplog):
     assert [r["grad_norm"] == 0.0 for r in rows][1:] == [True] * (len(rows) - 1)
     warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
     assert len(warnings) == 1
-
-
-def test_the_skip_costs_no_state_copy():
-    """The guarded update (lax.cond) needs no more scratch memory than the plain one; a
-    jnp.where over the trees would keep a second copy of policy + AdamW state live."""
-    import jax.numpy as jnp
-    import optax
-
-    from tr_align import trust_region
-    from tr_align.training import step as step_lib
-
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
-    params = {f"w{i}": jnp.ones((256, 256)) for i in range(4)}
-    state = step_lib.init_state(jax.random.PRNGKey(0), params, init_fn=None, tx=tx)
-    ru = trust_region.ReferenceUpdate(alpha=0.6, tau=1)
-
-    def plain(s, g):
-        return s.apply_gradients(g, tx=tx, reference_update=ru)[0]
-
-    def guarded(s, g):
-        ok = jnp.isfinite(optax.tree.norm(g))
-        return s.apply_gradients(g, tx=tx, reference_update=ru, finite=ok)[0]
-
-    def temp(fn):
-        compiled = jax.jit(fn, donate_argnums=0).lower(state, params).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    assert temp(guarded) - temp(plain) < 0.1 * param_bytes
