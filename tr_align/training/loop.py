@@ -2,10 +2,10 @@
 
 ``run(config, workdir)`` resumes from the newest checkpoint in ``workdir`` when
 there is one (state, data-iterator position and the initial policy's held-out
-log-probs), so running the same command again continues the run exactly. A resume first checks the
-new config against the saved ``config.json`` (``tr_align.training.resume``); skipped
-non-finite steps are counted and bounded by ``train.max_bad_steps``
-(``tr_align.training.numerics``).
+log-probs), so running the same command again continues the run exactly. A resume
+first checks the new config against the saved ``config.json``
+(``tr_align.training.resume``); skipped non-finite steps are counted and bounded by
+``train.max_bad_steps`` (``tr_align.training.numerics``).
 Metrics of step k are fetched only after step k+1 has been dispatched, so the
 host never stalls the device on the hot path.
 """
