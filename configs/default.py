@@ -101,6 +101,9 @@ def get_config(preset: str | None = None):
             # Memory levers (README "Memory levers"):
             grad_accum_steps=1,  # K microbatches per step inside the jitted step (lax.scan)
             logps_chunk_size=0,  # > 0: log-probs this many positions at a time (no [2B,T,V])
+            # a step with a non-finite loss or gradient is skipped (no update); the run stops
+            # after this many in a row, keeping its last good checkpoint
+            max_bad_steps=10,
         )
     )
 

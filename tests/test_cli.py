@@ -71,16 +71,30 @@ def test_train_preset_and_overrides(tmp_path):
     assert config["loss"]["type"] == "ipo"
     last = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("ref/updates", 0) for r in last) == 2
-    # Same command again: resumes, finds the run finished.
-    again = _cli(
+    # A changed loss.beta on resume is refused in one line before anything is written...
+    cmd = [
         "train",
         "--config=configs/default.py:tr-hard",
         f"--workdir={tmp_path}",
         "--config.trust_region.tau=2",
         "--config.loss.type=ipo",
+        "--config.loss.beta=0.2",
         *TINY,
-    )
-    assert again.returncode == 0 and "resuming from step 4" in again.stdout
+    ]
+    before = (tmp_path / "config.json").read_text()
+    refused = _cli(*cmd)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith("tr-align: config error: ")
+    assert "loss.beta 0.1 -> 0.2" in refused.stderr
+    assert "--allow_config_change=loss.beta" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "config.json").read_text() == before
+    # ...and accepted with the override: resumes, finds the run finished.
+    again = _cli(*cmd, "--allow_config_change=loss.beta")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming step 4 with config changes: loss.beta 0.1 -> 0.2" in again.stdout
+    assert "resuming from step 4" in again.stdout
+    assert json.loads((tmp_path / "config.json").read_text())["loss"]["beta"] == 0.2
 
 
 @pytest.mark.slow

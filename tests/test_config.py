@@ -307,3 +307,24 @@ def test_cli_config_errors_are_one_line_before_any_output(tmp_path):
         assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line
         assert out.stderr.startswith(want) and out.stdout == ""
         assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize(
+    "key,value,pattern",
+    [
+        ("train.max_bad_steps", 0, r"train\.max_bad_steps=0: must be an integer >= 1"),
+        ("train.max_bad_steps", -3, r"train\.max_bad_steps=-3"),
+        (
+            "optimizer.schedule_extensions",
+            [[3, 0, 0.0]],
+            r"optimizer\.schedule_extensions=\[\[3, 0, 0\.0\]\]: must be a list of \[resume step",
+        ),
+        ("optimizer.schedule_extensions", [[3, 6]], r"optimizer\.schedule_extensions="),
+    ],
+)
+def test_resume_and_numerics_keys_are_checked(tiny_config, key, value, pattern):
+    config = tiny_config(**{key: value})
+    with pytest.raises(ConfigError, match=pattern) as err:
+        config_lib.validate(config, num_devices=8)
+    assert "\n" not in str(err.value)
+    del config.train["max_bad_steps"]  # optional: absent means the default (10)
+    config.optimizer.schedule_extensions = [[3, 6, 0.0]]
+    config_lib.validate(config, num_devices=8)

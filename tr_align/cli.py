@@ -3,7 +3,8 @@
 Commands:
   train   Train or resume a run:
           tr-align train --config=configs/default.py[:PRESET] --workdir=DIR [--config.KEY=VALUE ...]
-          Rerunning with the same --workdir resumes from its newest checkpoint.
+          Rerunning with the same --workdir resumes from its newest checkpoint (with the same
+          config; --allow_config_change=train.steps,... accepts listed changes).
   sft     Supervised fine-tuning on the chosen completions (train with loss.type=sft); export
           the result and start alignment from it with --config.model.pretrained=EXPORT_DIR:
           tr-align sft --config=configs/hh_tiny.py --workdir=runs/sft
@@ -178,6 +179,12 @@ def _train(argv, command="train") -> None:
     flags.DEFINE_integer(
         "stop_at_step", None, "Stop after this step with a checkpoint, as if interrupted there."
     )
+    flags.DEFINE_list(
+        "allow_config_change",
+        [],
+        "Resuming: config keys that may differ from the run's config.json (comma-separated, "
+        "e.g. train.steps,optimizer.learning_rate); see README 'Resuming'.",
+    )
     FLAGS = flags.FLAGS
 
     def body():
@@ -185,7 +192,12 @@ def _train(argv, command="train") -> None:
 
         if command == "sft":
             FLAGS.config.loss.type = "sft"
-        summary = loop.run(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step)
+        summary = loop.run(
+            FLAGS.config,
+            FLAGS.workdir,
+            stop_at_step=FLAGS.stop_at_step,
+            allow_config_change=FLAGS.allow_config_change,
+        )
         if summary.get("signal"):  # stopped by a signal or a preemption, state saved
             sys.exit(errors.EXIT_RESUME)
 

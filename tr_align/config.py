@@ -324,6 +324,7 @@ def validate(config, num_devices: int) -> None:
     _validate_data(config)
     if not source:
         check_model_fits_data(config, model_config)
+    _validate_resume_keys(config)
 
     try:
         shape = sharding.mesh_shape(config.mesh, num_devices)
@@ -424,6 +425,30 @@ def _validate_synthetic(config) -> None:
             f"{d.min_prompt_len}..{d.max_prompt_len} tokens over {vocab - synthetic.FIRST_CONTENT} "
             "content tokens (raise model.vocab_size or data.max_prompt_len)",
         )
+
+
+def _validate_resume_keys(config) -> None:
+    """The numerics guard and the schedule record of a resumed run (tr_align.training.resume)."""
+    bad = get_optional(config, "train.max_bad_steps")
+    _check(_is_int(bad) and bad >= 1, "train.max_bad_steps", bad, "must be an integer >= 1")
+    ext = get_optional(config, "optimizer.schedule_extensions")
+    ok = isinstance(ext, (list, tuple)) and all(
+        isinstance(e, (list, tuple))
+        and len(e) == 3
+        and _is_int(e[0])
+        and e[0] >= 0
+        and _is_int(e[1])
+        and e[1] >= 1
+        and _is_num(e[2])
+        and e[2] >= 0
+        for e in ext
+    )
+    _check(
+        ok,
+        "optimizer.schedule_extensions",
+        ext,
+        "must be a list of [resume step >= 0, steps >= 1, epochs >= 0] (written by a resume)",
+    )
 
 
 def _validate_data(config) -> None:

@@ -27,6 +27,14 @@ DEFAULTS: dict[str, Default] = {
     "train.epochs": Default(0, "> 0: run this many epochs of the data instead of train.steps"),
     "train.grad_accum_steps": Default(1, "microbatches per step inside the jitted step"),
     "train.logps_chunk_size": Default(0, "> 0: log-probs this many positions at a time; 0 = off"),
+    "train.max_bad_steps": Default(
+        10, "stop after this many consecutive steps with a non-finite loss/gradient (skipped)"
+    ),
+    "optimizer.schedule_extensions": Default(
+        (),
+        "set by a resume that changes the run's length: [resume step, steps, epochs] of the "
+        "run before; keeps the learning rate continuous (do not set by hand)",
+    ),
     "loss.desirable_weight": Default(1.0, "kto: weight of the desirable examples' losses"),
     "loss.undesirable_weight": Default(1.0, "kto: weight of the undesirable examples' losses"),
     "mesh.rules": Default((), "extra (logical axis, mesh axes) sharding rules; () = built-in"),

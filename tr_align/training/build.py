@@ -112,12 +112,15 @@ def build_program(
     rules,
     total_steps: int,
     params=None,
+    schedule_extensions=(),
 ) -> Program:
     """The objective (``loss``), reference update (``trust_region``), optimizer, abstract
     state, state shardings and the compiled train/eval steps of ``config`` for
     ``model_config`` on ``mesh``. ``params``: the initial policy (arrays or
     ShapeDtypeStructs; None = the model's random init); only its shapes are used here.
-    The batch layout is ``data.packing`` (``data.pack_length`` tokens per packed row)."""
+    The batch layout is ``data.packing`` (``data.pack_length`` tokens per packed row).
+    ``schedule_extensions``: ``((step, total_before), ...)`` of a run whose length changed on
+    a resume (``optim.make_schedule``; the loop resolves ``optimizer.schedule_extensions``)."""
     opt = functools.partial(get_optional, config)
     objective = objectives_lib.from_config(config.loss)
     reference_update = (
@@ -125,7 +128,7 @@ def build_program(
     )
     init_fn, apply_fn = hf.model_fns(model_config)
     apply_fn = sharding.with_activation_sharding(apply_fn, mesh, rules)
-    tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
+    tx, schedule = optim.make_optimizer(config.optimizer, total_steps, schedule_extensions)
     make_state = functools.partial(
         step_lib.init_state,
         init_fn=init_fn,

@@ -2,7 +2,10 @@
 
 ``run(config, workdir)`` resumes from the newest checkpoint in ``workdir`` when
 there is one (state, data-iterator position and the initial policy's held-out
-log-probs), so running the same command again continues the run exactly.
+log-probs), so running the same command again continues the run exactly. A resume
+first checks the new config against the saved ``config.json``
+(``tr_align.training.resume``); skipped non-finite steps are counted and bounded by
+``train.max_bad_steps`` (``tr_align.training.numerics``).
 Metrics of step k are fetched only after step k+1 has been dispatched, so the
 host never stalls the device on the hot path.
 """
@@ -11,37 +14,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from tr_align import config as config_lib
-from tr_align import defaults, errors, hf, sharding
+from tr_align import defaults, hf, sharding
 from tr_align.data import batching, loader, packing, pipeline
 from tr_align.io import pretrained
 from tr_align.io.rundir import SUMMARY_PLOT, RunDir
 from tr_align.models import count_params
 from tr_align.training import build as build_lib
-from tr_align.training import checkpoint, interrupt, plotting
+from tr_align.training import checkpoint, interrupt, numerics, plotting, resume
 from tr_align.training.metrics import MetricWriter
-
-
-def _check_finite(step, metrics, last_ckpt):
-    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(metrics[k]))]
-    if bad:
-        raise errors.NonFiniteError(
-            f"{' and '.join(bad)} became non-finite at step {step}; the run stopped without "
-            f"saving; {checkpoint.describe_last_good(last_ckpt)} (lower "
-            f"optimizer.learning_rate or loss.beta and rerun)."
-        )
 
 
 def _batch_stats(host_batch) -> dict:
@@ -140,6 +133,18 @@ def num_steps(train_cfg, num_examples: int) -> int:
     return max(1, int(epochs * num_examples) // int(train_cfg.batch_size))
 
 
+def schedule_extensions(config, num_examples: int) -> tuple[tuple[int, int], ...]:
+    """``optimizer.schedule_extensions`` ([resume step, steps, epochs] of the run before each
+    change of its length, ``tr_align.training.resume``) as ``(step, total steps before)``."""
+    out = []
+    for step, steps, epochs in defaults.get(config, "optimizer.schedule_extensions"):
+        before = ml_collections.ConfigDict(
+            dict(steps=int(steps), epochs=float(epochs), batch_size=int(config.train.batch_size))
+        )
+        out.append((int(step), num_steps(before, num_examples)))
+    return tuple(out)
+
+
 def load_data(config, model_config, *, progress: bool = True) -> pipeline.Data:
     """The run's train/eval data (``config.data``); raises DataError/ConfigError on bad input."""
     config_lib.check_model_fits_data(config, model_config)  # a pretrained model's context
@@ -172,7 +177,13 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
     data = load_data(config, model_config, progress=progress)
     total_steps = num_steps(config.train, len(data.train))
     program = build_lib.build_program(
-        config, model_config, mesh=mesh, rules=rules, total_steps=total_steps, params=params
+        config,
+        model_config,
+        mesh=mesh,
+        rules=rules,
+        total_steps=total_steps,
+        params=params,
+        schedule_extensions=schedule_extensions(config, len(data.train)),
     )
     _, fallbacks = sharding.param_specs(
         program.abstract_state.params, hf.param_axes(model_config), dict(mesh.shape), rules
@@ -194,7 +205,13 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
 
 
 def run(
-    config, workdir: str, *, stop_at_step: int | None = None, progress: bool = True, devices=None
+    config,
+    workdir: str,
+    *,
+    stop_at_step: int | None = None,
+    progress: bool = True,
+    devices=None,
+    allow_config_change=(),
 ) -> dict:
     """Trains (or resumes) the run described by ``config`` in ``workdir``.
 
@@ -205,12 +222,18 @@ def run(
         run had been interrupted there (rerun to continue).
       progress: show a tqdm progress bar.
       devices: devices for the mesh (default: all).
+      allow_config_change: config keys a resume may change (``tr_align.training.resume``;
+        ``tr-align train --allow_config_change=KEY,...``).
 
     Returns:
       A summary dict (also written to ``workdir/summary.json``).
     """
     t_start = time.time()
     is_main = jax.process_index() == 0
+    # a resume: the saved config.json against this one, before anything is written
+    config = resume.prepare(
+        config, workdir, allow=allow_config_change, log=print if is_main else None
+    )
     # validates the config and reads all data before anything is written
     built = build(config, devices, progress=progress and is_main)
     mesh = built.mesh
@@ -245,14 +268,19 @@ def run(
     )
     restored = ckpts.restore(built.abstract_state, built.state_shardings)
     if restored is None:
-        start, init_logps = 0, None
+        start, init_logps, saved_extras = 0, None, {}
         state = built.init()
     else:
-        start, state, data_state, extras = restored
+        start, state, data_state, saved_extras = restored
         data_it.set_state(data_state)
         init_logps = tuple(
-            np.asarray(extras[k], np.float32) for k in ("init_chosen", "init_rejected")
+            np.asarray(saved_extras[k], np.float32) for k in ("init_chosen", "init_rejected")
         )
+    guard = numerics.StepGuard(
+        defaults.get(config, "train.max_bad_steps"),
+        last_checkpoint=start if restored is not None else None,
+        extras=saved_extras,
+    )
 
     evaluate = functools.partial(
         _run_eval,
@@ -289,19 +317,21 @@ def run(
 
     last = {}
     pending = None
+    checkpoint_due = False  # a checkpoint due at a skipped step waits for an applied one
 
     postfix = {}  # progress-bar fields: last train metrics and the latest held-out accuracy
 
     def flush():
         nonlocal pending, last
+        guard.resolve()  # the newest step's skipped flag (raises after train.max_bad_steps)
         if pending is None:
             return
         step, m, host = pending
         pending = None
         m = jax.device_get(m)
-        _check_finite(step, m, ckpts.last_good)
-        last = {**{k: float(v) for k, v in m.items()}, **host}
+        last = {**{k: float(v) for k, v in m.items()}, **host, **guard.metrics()}
         writer.write(step, last)
+        guard.logged(step, last)
         postfix["loss"] = f"{last['loss']:.4f}"
         if "rewards/accuracies" in last:  # preference losses (not sft)
             postfix["acc"] = f"{last['rewards/accuracies']:.2f}"
@@ -336,6 +366,7 @@ def run(
                 host_batch = next(data_it)
                 state, m = built.train_step(state, sharding.put_batch(host_batch, mesh))
                 flush()  # the previous step's metrics, fetched while this step runs
+                guard.watch(step, m)
                 if step % config.train.log_every_steps == 0 or step == end:
                     host = _batch_stats(host_batch)
                     pending = (step, m, host)
@@ -350,10 +381,14 @@ def run(
                     writer.write(step, eval_metrics)
                     postfix["heldout_acc"] = f"{eval_metrics['eval/init_rewards/accuracies']:.3f}"
                     bar.set_postfix(postfix, refresh=False)
-                if step % config.checkpoint.every_steps == 0 or final:
+                if step % config.checkpoint.every_steps == 0 or final or checkpoint_due:
                     flush()
-                    _check_finite(step, jax.device_get(m), ckpts.last_good)
-                    ckpts.save(step, state, data_it.get_state(), extras)
+                    # after a skipped step the state is the last good one but for its step;
+                    # only the run's end (or a stop) saves it
+                    checkpoint_due = not (guard.checkpoint_ok or final)
+                    if not checkpoint_due:
+                        ckpts.save(step, state, data_it.get_state(), {**extras, **guard.extras()})
+                        guard.saved(step)
                 if stop.requested:
                     break
             flush()

@@ -9,6 +9,9 @@
   4. the optax update of the policy and 5. the reference update
      (``TrainState.apply_gradients``; a ``trust_region.ReferenceUpdate``, or none for a
      frozen reference: vanilla DPO/IPO/KTO).
+     A bad step (a non-finite loss or gradient) applies neither: the state
+     is kept bitwise except ``step`` (and ``rng``), and ``metrics["train/step_skipped"]``
+     is 1 (the loop counts them: ``train/skipped_steps``, ``train.max_bad_steps``).
 
 The step is jitted by ``compile_train_step`` with explicit in/out shardings and the state
 donated, so parameters never leave the device and the reference is updated in place.
@@ -59,6 +62,8 @@ def padded_keys(streams) -> tuple[str, ...]:
 
 
 PAIR_KEYS = padded_keys(("chosen", "rejected"))
+# 1 when this step's update was skipped (a non-finite loss or gradient), else 0
+SKIPPED_METRIC = "train/step_skipped"
 
 
 @flax.struct.dataclass
@@ -69,16 +74,47 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # uint32[2] PRNG key, split once per step
 
-    def apply_gradients(self, grads, *, tx, reference_update=None) -> TrainState:
+    def apply_gradients(
+        self, grads, *, tx, reference_update=None, finite=None
+    ) -> tuple[TrainState, jax.Array]:
         """Steps 4 and 5: the optax update of the policy, then the reference update
-        (``reference_update.update(ref, params, step)``; none when it is None)."""
-        updates, opt_state = tx.update(grads, self.opt_state, self.params)
-        params = optax.apply_updates(self.params, updates)
+        (``reference_update.update(ref, params, step)``; none when it is None).
+
+        Skipping a bad step: with ``finite`` (a traced bool: "the loss and the gradient are
+        finite") the update runs under ``lax.cond``; when it is False the policy, the
+        reference and the optimizer state (AdamW moments and count) are kept bitwise. A
+        branch rather than ``jnp.where`` over the trees, so that no second copy of the
+        state is live (the donated buffers are still updated in place: the step's temp
+        memory is unchanged). ``step`` advances either way (it counts the batches
+        consumed, so the schedule, the data position and the checkpoints stay on the
+        loop's step).
+
+        Returns:
+          (new state, applied: bool scalar, True when ``finite`` is None)
+        """
         step = self.step + 1
-        ref_params = self.ref_params
-        if reference_update is not None:
-            ref_params = reference_update.update(ref_params, params, step)
-        return self.replace(step=step, params=params, ref_params=ref_params, opt_state=opt_state)
+
+        def update(_):
+            updates, opt_state = tx.update(grads, self.opt_state, self.params)
+            params = optax.apply_updates(self.params, updates)
+            ref_params = self.ref_params
+            if reference_update is not None:
+                ref_params = reference_update.update(ref_params, params, step)
+            return params, ref_params, opt_state
+
+        def keep(_):
+            return self.params, self.ref_params, self.opt_state
+
+        if finite is None:
+            applied = jnp.array(True)
+            params, ref_params, opt_state = update(None)
+        else:
+            applied = jnp.asarray(finite, bool)
+            params, ref_params, opt_state = jax.lax.cond(applied, update, keep, None)
+        return (
+            self.replace(step=step, params=params, ref_params=ref_params, opt_state=opt_state),
+            applied,
+        )
 
 
 def init_state(
@@ -254,8 +290,13 @@ def train_step(
     grads = jax.tree.map(lambda g: g / jnp.maximum(stats["loss"][1], 1e-30), grads)
     metrics = objectives_lib.finalize(stats)
     metrics.update(objective.derived(metrics))
-    new_state = state.apply_gradients(grads, tx=tx, reference_update=reference_update)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    new_state, applied = state.apply_gradients(
+        grads, tx=tx, reference_update=reference_update, finite=finite
+    )
+    metrics["grad_norm"] = grad_norm
+    metrics[SKIPPED_METRIC] = jnp.logical_not(applied).astype(jnp.int32)
     metrics["learning_rate"] = schedule(state.step)
     if objective.needs_reference:
         ru = reference_update
