@@ -301,7 +301,7 @@ def test_cli_config_errors_are_one_line_before_any_output(tmp_path):
             env={**os.environ, "JAX_PLATFORMS": "cpu"},
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=600,  # a loaded 2-core machine imports jax slowly
         )
         assert out.returncode == 2, out.stderr[-2000:]
         assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line
