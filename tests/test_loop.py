@@ -144,3 +144,18 @@ def test_sigint_finishes_the_step_and_checkpoints(tiny_config, tmp_path, monkeyp
     assert summary["step"] == 3
     assert checkpoint.manager(str(tmp_path), max_to_keep=5).all_steps() == [3]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_batch_figures_count_every_computed_row(tiny_config, tmp_path):
+    """data/rows x data/length = the positions the step computes: with padded pairs
+    (data.packing=none) that is the chosen AND the rejected rows, 2 x batch_size."""
+    config = tiny_config(**{"data.packing": "none"})
+    loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:1])
+    train = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert train
+    for r in train:
+        assert r["data/rows"] == 2 * config.train.batch_size
+        assert 0 < r["data/real_tokens"] <= r["data/rows"] * r["data/length"]
+        assert r["data/padding_efficiency"] == pytest.approx(
+            r["data/real_tokens"] / (r["data/rows"] * r["data/length"])
+        )
