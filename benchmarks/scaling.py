@@ -97,39 +97,65 @@ def run_point(args, work: Path, sweep: str, length: int, size: str, layout: str)
         json.loads((adir / "manifest.json").read_text())
     )
     rdir = work / f"{sweep}_{wl.name}_{layout}"
-    rec = compare_trl.tr_align_run(
-        args.tr_align_python,
-        adir,
-        "trdpo",
-        rdir,
-        steps=args.steps,
-        batch=args.batch,
-        max_length=wl.max_length,
-        max_prompt_length=wl.max_prompt_length,
-        cache_dir=work / "tokenized",
-        extra=[f"--config.data.packing={layout}"],
-    )
-    steps = measure.timed_steps(args.steps, args.warmup)
-    s = measure.summarize(rec["step_end"], steps, rec.get("real"), rec.get("padded"))
-    p = rec["proc"]
+    if args.resummarize:  # the logs of an earlier sweep, measured again
+        if (rdir / "proc.json").exists():
+            p = json.loads((rdir / "proc.json").read_text())
+        else:  # a sweep from before proc.json: its peak RSS from the results it wrote
+            p = next({k: r[k] for k in ("peak_rss_mib", "wall_s")} for r in args.old_runs
+                     if (r["sweep"], r["length"], r["size"], r["layout"]) == (sweep, length, size, layout))  # fmt: skip
+    else:
+        rec = compare_trl.tr_align_run(
+            args.tr_align_python,
+            adir,
+            "trdpo",
+            rdir,
+            steps=args.steps,
+            batch=args.batch,
+            max_length=wl.max_length,
+            max_prompt_length=wl.max_prompt_length,
+            cache_dir=work / "tokenized",
+            extra=[f"--config.data.packing={layout}"],
+        )
+        p = {k: rec["proc"][k] for k in ("peak_rss_mib", "wall_s")}
+        (rdir / "proc.json").write_text(json.dumps(p))
+    records = [json.loads(x) for x in (rdir / "workdir" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    out = {"sweep": sweep, "length": length, "size": size, "params": manifest.get("n_params"),
+           "layout": layout, **summarize(records, layout, args.warmup), **p}  # fmt: skip
+    return out
+
+
+def summarize(records: list[dict], layout: str, warmup: int) -> dict:
+    """Steady-state figures from a run's metrics.jsonl train records.
+
+    A record's ``time`` is stamped after the next step was dispatched, so the interval ending
+    at step s includes the compile of step s + 1 when s + 1 is the first step of its shape
+    (rows, length): such intervals are left out, as are the first ``warmup`` steps. Computed
+    positions per step = rows x length (``none``: real tokens / padding efficiency, which
+    every tr-align version logs correctly for padded pairs)."""
+    train = sorted((r for r in records if "loss" in r), key=lambda r: r["step"])
+    by = {r["step"]: r for r in train}
+    shape = {s: (r["data/rows"], r["data/length"]) for s, r in by.items()}
+    first = {}
+    for s in sorted(shape):
+        first.setdefault(shape[s], s)
+    compiles = set(first.values())
+    clean = [s for s in sorted(by) if s > warmup and s - 1 in by and s + 1 not in compiles]
+    iv = {s: by[s]["time"] - by[s - 1]["time"] for s in clean}
+    if not iv:
+        raise ValueError("no step interval free of compiles: run more steps")
+    computed = {
+        s: (r["data/real_tokens"] / r["data/padding_efficiency"] if layout == "none"
+            else r["data/rows"] * r["data/length"])
+        for s, r in by.items()
+    }  # fmt: skip
+    step_s = measure.median(list(iv.values()))
     return {
-        "sweep": sweep,
-        "length": length,
-        "size": size,
-        "params": manifest.get("n_params"),
-        "layout": layout,
-        "steps_per_s": s.get("steps_per_s"),
-        "step_s": round(1 / s["steps_per_s"], 3) if s.get("steps_per_s") else None,
-        "tokens_per_s": s.get("tokens_per_s"),
-        "padded_tokens_per_s": s.get("padded_tokens_per_s"),
-        "real_tokens_per_step": s.get("tokens_per_step"),
-        "padded_tokens_per_step": s.get("padded_tokens_per_step"),
-        "peak_rss_mib": p["peak_rss_mib"],
-        "wall_s": p["wall_s"],
-        "foreign_cpu_cores": p["sampler"].foreign_cores(
-            rec["step_end"][steps[0] - 1], rec["step_end"][steps[-1]], rec["clock"]
-        ),
-        "rows_lengths": sorted({v for v in (rec.get("padded") or {}).values()}),
+        "step_s": round(step_s, 3),
+        "steps_timed": clean,
+        "tokens_per_s": round(measure.median([by[s]["data/real_tokens"] / iv[s] for s in clean]), 1),
+        "real_tokens_per_step": round(sum(by[s]["data/real_tokens"] for s in clean) / len(clean), 1),
+        "padded_tokens_per_step": round(sum(computed[s] for s in clean) / len(clean), 1),
+        "shapes_compiled": len(first),
     }
 
 
@@ -191,15 +217,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--tr-align-python", default=sys.executable)
     ap.add_argument("--smoke", action="store_true", help="tiny model and rows, 5 steps")
+    ap.add_argument("--resummarize", action="store_true",
+                    help="no runs: measure the logs an earlier sweep left in --work again")  # fmt: skip
     args = ap.parse_args(argv)
     if args.smoke:
-        args.steps, args.warmup, args.batch = 5, 2, 4
+        args.steps, args.warmup, args.batch = 6, 1, 4
     layouts = [x for x in args.layouts.split(",") if x]
+    old = args.out / ("scaling_smoke.json" if args.smoke else "scaling.json")
+    args.old_runs = json.loads(old.read_text())["runs"] if args.resummarize and old.exists() else []
     work = args.work.resolve()
     res = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": compare_trl.machine(args.tr_align_python, None),
-        "settings": f"batch {args.batch} pairs, {args.steps} steps, timed after {args.warmup}",
+        "settings": f"batch {args.batch} pairs, {args.steps} steps, timed after {args.warmup} "
+        "(intervals that include a compile left out)",
         "runs": [],
         "notes": [],
     }

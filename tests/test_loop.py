@@ -214,3 +214,18 @@ def test_preemption_sync_point_checkpoints_and_stops(tiny_config, tmp_path, monk
     assert seen == [1, 2] and summary["step"] == 2 and summary["signal"] == "preemption"
     assert checkpoint.saved_steps(str(tmp_path)) == [2]
     assert json.loads((tmp_path / "summary.json").read_text())["signal"] == "preemption"
+
+
+def test_batch_figures_count_every_computed_row(tiny_config, tmp_path):
+    """data/rows x data/length = the positions the step computes: with padded pairs
+    (data.packing=none) that is the chosen AND the rejected rows, 2 x batch_size."""
+    config = tiny_config(**{"data.packing": "none"})
+    loop.run(config, str(tmp_path), progress=False, devices=jax.devices()[:1])
+    train = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert train
+    for r in train:
+        assert r["data/rows"] == 2 * config.train.batch_size
+        assert 0 < r["data/real_tokens"] <= r["data/rows"] * r["data/length"]
+        assert r["data/padding_efficiency"] == pytest.approx(
+            r["data/real_tokens"] / (r["data/rows"] * r["data/length"])
+        )

@@ -85,7 +85,7 @@ def test_guard_counts_stops_after_max_bad_steps_and_resets_on_a_good_step():
     with pytest.raises(
         errors.NonFiniteError,
         match=r"non-finite at 3 consecutive steps \(4-6; train.max_bad_steps=3\).*"
-        r"No checkpoint was saved yet",
+        r"there is no checkpoint yet \(a rerun starts from step 0\)",
     ):
         g.resolve()
 

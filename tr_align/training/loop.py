@@ -47,11 +47,12 @@ def _batch_stats(host_batch) -> dict:
     else:
         real = sum(int(v.sum()) for k, v in host_batch.items() if k.endswith("attention_mask"))
         eff = batching.padding_efficiency(host_batch)
-    ids = host_batch["input_ids" if "seq_ids" in host_batch else next(iter(host_batch))]
+    # the rows the step computes: every stream's [rows, L] ids (padded pairs: chosen and rejected)
+    ids = [v for k, v in host_batch.items() if k.endswith("input_ids")]
     return {
         "data/padding_efficiency": eff,
-        "data/length": ids.shape[1],
-        "data/rows": ids.shape[0],
+        "data/length": max(v.shape[1] for v in ids),
+        "data/rows": sum(v.shape[0] for v in ids),
         "data/real_tokens": real,
     }
 

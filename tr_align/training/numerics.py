@@ -20,6 +20,7 @@ import jax
 from absl import logging
 
 from tr_align.errors import NonFiniteError
+from tr_align.training.checkpoint import describe_last_good
 from tr_align.training.step import SKIPPED_METRIC
 
 SKIPPED_STEPS = "train/skipped_steps"  # the logged cumulative count
@@ -59,15 +60,11 @@ class StepGuard:
             self.streak = 0
         if self.streak >= self.max_bad_steps:
             first = step - self.streak + 1
-            where = (
-                f"The last good checkpoint is step {self.last_checkpoint}"
-                if self.last_checkpoint is not None
-                else "No checkpoint was saved yet (a rerun starts from step 0)"
-            )
             raise NonFiniteError(
                 f"the loss or gradient was non-finite at {self.streak} consecutive steps "
                 f"({first}-{step}; train.max_bad_steps={self.max_bad_steps}), their updates were "
-                f"skipped and the run stopped. {where}; lower optimizer.learning_rate or "
+                f"skipped and the run stopped; {describe_last_good(self.last_checkpoint)}; "
+                "lower optimizer.learning_rate or "
                 "loss.beta and rerun (--allow_config_change=optimizer.learning_rate) to resume."
             )
 
