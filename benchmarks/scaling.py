@@ -93,8 +93,10 @@ def points(sweep: str, smoke: bool) -> list[tuple[str, int, str]]:
 def run_point(args, work: Path, sweep: str, length: int, size: str, layout: str) -> dict:
     wl = smoke_workload(length, size) if args.smoke else workload(length, size)
     adir = work / "assets" / wl.name
-    manifest = assets_lib.build_workload(adir, wl) if not (adir / "prefs.jsonl").exists() else (
-        json.loads((adir / "manifest.json").read_text())
+    manifest = (
+        assets_lib.build_workload(adir, wl)
+        if not (adir / "prefs.jsonl").exists()
+        else (json.loads((adir / "manifest.json").read_text()))
     )
     rdir = work / f"{sweep}_{wl.name}_{layout}"
     if args.resummarize:  # the logs of an earlier sweep, measured again
@@ -118,7 +120,11 @@ def run_point(args, work: Path, sweep: str, length: int, size: str, layout: str)
         )
         p = {k: rec["proc"][k] for k in ("peak_rss_mib", "wall_s")}
         (rdir / "proc.json").write_text(json.dumps(p))
-    records = [json.loads(x) for x in (rdir / "workdir" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    records = [
+        json.loads(x)
+        for x in (rdir / "workdir" / "metrics.jsonl").read_text().splitlines()
+        if x.strip()
+    ]
     out = {"sweep": sweep, "length": length, "size": size, "params": manifest.get("n_params"),
            "layout": layout, **summarize(records, layout, args.warmup), **p}  # fmt: skip
     return out
@@ -152,8 +158,12 @@ def summarize(records: list[dict], layout: str, warmup: int) -> dict:
     return {
         "step_s": round(step_s, 3),
         "steps_timed": clean,
-        "tokens_per_s": round(measure.median([by[s]["data/real_tokens"] / iv[s] for s in clean]), 1),
-        "real_tokens_per_step": round(sum(by[s]["data/real_tokens"] for s in clean) / len(clean), 1),
+        "tokens_per_s": round(
+            measure.median([by[s]["data/real_tokens"] / iv[s] for s in clean]), 1
+        ),
+        "real_tokens_per_step": round(
+            sum(by[s]["data/real_tokens"] for s in clean) / len(clean), 1
+        ),
         "padded_tokens_per_step": round(sum(computed[s] for s in clean) / len(clean), 1),
         "shapes_compiled": len(first),
     }

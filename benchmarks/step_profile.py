@@ -115,7 +115,6 @@ def main(argv=None) -> int:
 
     import assets as assets_lib
     import jax
-    import numpy as np
 
     from tr_align import sharding
     from tr_align.training import loop
@@ -140,20 +139,14 @@ def main(argv=None) -> int:
         *path, last = key.split(".")
         for p in path:
             node = node[p]
-        node[last] = type(node[last])(value) if not isinstance(node[last], bool) else value == "True"
+        node[last] = (
+            type(node[last])(value) if not isinstance(node[last], bool) else value == "True"
+        )
 
     built = loop.build(config, None, progress=False)
-    data = built.data
-    from tr_align import defaults
-    from tr_align.data import loader
 
-    def iterator():
-        return loader.train_iterator(
-            data.train, batch_size=config.train.batch_size, seed=config.train.seed,
-            buckets=data.buckets, pad_id=data.pad_id,
-            group_window=config.data.group_window if defaults.get(config, "data.group_by_length") else 0,
-            **built.program.loader_kwargs(),
-        )  # fmt: skip
+    def iterator():  # the batches loop.run trains on
+        return built.train_iterator(config)
 
     # host: the input pipeline alone
     it = iterator()
@@ -163,7 +156,9 @@ def main(argv=None) -> int:
         b = next(it)
         host_t.append(time.perf_counter() - t0)
         batches.append(b)
-    shapes = sorted({tuple(v.shape) for b in batches for k, v in b.items() if k.endswith("input_ids")})
+    shapes = sorted(
+        {tuple(v.shape) for b in batches for k, v in b.items() if k.endswith("input_ids")}
+    )
 
     state = built.init()
     step = built.train_step
@@ -221,7 +216,6 @@ def main(argv=None) -> int:
         holder["state"] = s
 
     cats = trace_categories(one, 3)
-    real = [int(np.sum(b["loss_mask"] > 0)) if "loss_mask" in b else None for b in batches]
     res = {
         "workload": args.workload,
         "mode": args.mode,
@@ -234,7 +228,9 @@ def main(argv=None) -> int:
         "loop_step_ms_median": _median_ms(loop_t),
         "host_share_of_loop": round(statistics.median(host_t) / statistics.median(loop_t), 3),
         "step_flops_first_shape": flops,
-        "step_gflops_per_s": round(flops / statistics.median(first_shape_t) / 1e9, 1) if flops else None,
+        "step_gflops_per_s": round(flops / statistics.median(first_shape_t) / 1e9, 1)
+        if flops
+        else None,
         "matmul_gflops_per_s": round(rate, 1),
         "step_temp_mib_first_shape": temp_mib,
         "op_time_share": cats,
@@ -243,7 +239,9 @@ def main(argv=None) -> int:
         res["step_rate_vs_matmul"] = round(res["step_gflops_per_s"] / rate, 3)
     print(json.dumps(res, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"step_profile_{args.workload}" + ("_" + "_".join(s.replace("=", "-") for s in args.set) if args.set else "")
+    name = f"step_profile_{args.workload}" + (
+        "_" + "_".join(s.replace("=", "-") for s in args.set) if args.set else ""
+    )
     (args.out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     return 0
 

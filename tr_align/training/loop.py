@@ -96,6 +96,23 @@ class Built:
     init: Callable  # () -> TrainState, born sharded
     data: pipeline.Data  # tokenized train/eval sets, buckets, data report
 
+    def train_iterator(self, config):
+        """This process's train batches: ``loader.train_iterator`` in the config's order
+        (seed, length grouping) and the program's layout (packing, shards, microbatches)."""
+        return loader.train_iterator(
+            self.data.train,
+            batch_size=config.train.batch_size,
+            seed=config.train.seed,
+            buckets=self.data.buckets,
+            pad_id=self.data.pad_id,
+            group_window=config.data.group_window
+            if defaults.get(config, "data.group_by_length")
+            else 0,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            **self.program.loader_kwargs(),
+        )
+
     @property
     def mesh(self):
         return self.program.mesh
@@ -248,19 +265,7 @@ def run(
         run_dir.write_model_config(built.model_config)
 
     total = built.steps
-    data_it = loader.train_iterator(
-        data.train,
-        batch_size=config.train.batch_size,
-        seed=config.train.seed,
-        buckets=data.buckets,
-        pad_id=data.pad_id,
-        group_window=config.data.group_window
-        if defaults.get(config, "data.group_by_length")
-        else 0,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        **built.program.loader_kwargs(),
-    )
+    data_it = built.train_iterator(config)
     ckpts = checkpoint.Checkpoints(
         workdir,
         max_to_keep=config.checkpoint.max_to_keep,
