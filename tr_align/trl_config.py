@@ -562,9 +562,11 @@ def _same(value, allowed) -> bool:
 
 
 def markdown_table() -> str:
-    """The mapped fields as a Markdown table (README "Coming from TRL")."""
+    """The mapped fields as a Markdown table (README "Coming from TRL"): config keys in
+    code font, front-door options (``model``, ``epochs``, ...) in italics."""
     rows = ["| TRL field | tr_align | note |", "| --- | --- | --- |"]
     for name, f in FIELDS.items():
         if f.kind == "map":
-            rows.append(f"| `{name}` | {', '.join(f'`{t}`' for t in f.targets)} | {f.note} |")
+            targets = ", ".join(f"`{t}`" if "." in t else f"*{t}*" for t in f.targets)
+            rows.append(f"| `{name}` | {targets} | {f.note} |")
     return "\n".join(rows)
