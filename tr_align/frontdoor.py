@@ -80,6 +80,8 @@ usage: tr-align dpo|ipo|kto|sft --model=M --data=D --workdir=O [--tr=soft|hard|o
   --KEY=VALUE   any config key, e.g. --loss.beta=0.05 --train.steps=200 --model.dtype=bfloat16
 
 Then: tr-align generate --model=WORKDIR/hf --chat --prompt="..."
+A config file instead: tr-align train --config=FILE --workdir=DIR (tr-align sft --config=FILE
+trains it with loss.type=sft).
 """
 
 
