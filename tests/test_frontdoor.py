@@ -277,6 +277,20 @@ def test_a_kto_config_written_by_trl():
     assert (s.config["loss.desirable_weight"], s.config["loss.undesirable_weight"]) == (1.5, 1.0)
 
 
+def test_the_command_decides_the_loss_but_dpo_keeps_the_yamls(tmp_path):
+    """``tr-align ipo --trl-config=dpo.yaml``: IPO (the YAML's loss_type is DPOConfig's
+    default); ``tr-align dpo`` takes the YAML's loss_type (it may name any DPO-family loss)."""
+    data = _write_jsonl(tmp_path / "d.jsonl", _pairs(20))
+    (tmp_path / "c.yaml").write_text("loss_type: [hinge]\nbeta: 0.3\n", encoding="utf-8")
+    base = dict(model=str(LLAMA), data=data, workdir="w")
+    base["trl-config"] = str(tmp_path / "c.yaml")
+    dpo = _prepare("dpo", **base).config
+    assert (dpo.loss.type, dpo.loss.beta) == ("hinge", 0.3)
+    plan = _prepare("ipo", **base)
+    assert (plan.config.loss.type, plan.config.loss.beta) == ("ipo", 0.3)
+    assert any("loss_type='hinge' of the YAML: replaced by ipo's loss" in x for x in plan.lines)
+
+
 def test_unsupported_trl_values_are_refused_by_name_in_one_line():
     doc = {
         "beta": 0.1,
@@ -407,3 +421,26 @@ def test_trl_yaml_run_in_process(tiny_llama, tmp_path):
     summary = frontdoor.run(plan, progress=False, devices=jax.devices()[:1])
     assert summary["step"] == 5 and summary["train"]["ref/updates"] == 2  # steps 2 and 4
     assert (tmp_path / "run" / "hf" / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_front_door_errors_are_one_line(tmp_path):
+    """Bad input to the front door: one ``tr-align: <kind> error: ...`` line, exit 2, before
+    any training and with nothing written."""
+    _write_jsonl(tmp_path / "my.jsonl", _pairs(15))
+    (tmp_path / "dpo.yaml").write_text("beta: 0.1\nfp16: true\n", encoding="utf-8")
+    base = [f"--model={LLAMA}", "--workdir=O"]
+    for args, expected in (
+        (["--data=nope.jsonl"], "tr-align: data error: nope.jsonl: no such file"),
+        (
+            ["--data=my.jsonl", "--loss.betta=0.2"],
+            "tr-align: config error: loss.betta: unknown key; did you mean loss.beta?",
+        ),
+        (
+            ["--data=my.jsonl", "--trl-config=dpo.yaml"],
+            "tr-align: config error: dpo.yaml: not supported: fp16=True (only False: use bf16)",
+        ),
+    ):
+        out = _cli("dpo", *base, *args, cwd=tmp_path)
+        assert (out.returncode, out.stderr.strip()) == (2, expected), out.stderr[-2000:]
+    assert not (tmp_path / "O").exists()

@@ -432,8 +432,11 @@ def prepare(method: str, options: dict, overrides: dict, *, num_devices: int | N
         notes += settings.notes
         if tr is not None or method == "sft":  # --tr (or sft) decides the reference
             explicit = {k: v for k, v in explicit.items() if not k.startswith("trust_region.")}
-        if "loss.type" in explicit and method != "dpo":
-            lines.append(f"note: the YAML's loss_type is used, not {method}'s loss")
+        yaml_loss = explicit.get("loss.type")
+        if method != "dpo" and yaml_loss is not None:  # ipo/kto/sft: the command's loss
+            del explicit["loss.type"]
+            if yaml_loss != METHODS[method]:
+                notes.append(f"loss_type={yaml_loss!r} of the YAML: replaced by {method}'s loss")
     cli = {key: parse_value(config, key, text) for key, text in overrides.items()}
     epochs = cli.pop("train.epochs", None)
     explicit.update(cli)
