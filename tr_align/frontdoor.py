@@ -335,9 +335,7 @@ def detect_format(records, *, fields=None, sample: int = 100) -> str:
             return record
         return {renamed.get(k, k): v for k, v in record.items()}
 
-    counts = Counter(
-        f for r, _ in records[:sample] if (f := record_format(view(r))) is not None
-    )
+    counts = Counter(f for r, _ in records[:sample] if (f := record_format(view(r))) is not None)
     if counts:
         return counts.most_common(1)[0][0]
     record, origin = records[0]

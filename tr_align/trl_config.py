@@ -54,6 +54,7 @@ class Settings:
     config: dict[str, Any]  # dotted config key -> value
     options: dict[str, Any]  # front-door options (model, data, workdir, epochs, ...)
     notes: list[str]  # one-line notes to print (ignored fields, absent keys at TRL's default)
+    ignored: list[str] = dataclasses.field(default_factory=list)  # every ignored field
 
 
 # ------------------------------------------------------------------------- value converters
@@ -293,8 +294,9 @@ FIELDS: dict[str, Field] = {
     # --- the data
     "max_length": _map(_max_length),
     "max_prompt_length": _map(_optional("data.max_prompt_length", int, none=0), "older TRL"),
-    "max_completion_length": _only(None, note="older TRL; tr_align cuts completions to fit "
-                                   "data.max_length"),
+    "max_completion_length": _only(
+        None, note="older TRL; tr_align cuts completions to fit data.max_length"
+    ),
     "truncation_mode": _map(_to("data.truncation_mode", str)),
     "padding_free": _ignore("tr_align's batches are padding-free already (data.packing)"),
     "pad_to_multiple_of": _ignore("padded lengths are data.buckets"),
@@ -321,7 +323,11 @@ FIELDS: dict[str, Field] = {
     "adam_epsilon": _map(_to("optimizer.eps")),
     "max_grad_norm": _map(_to("optimizer.max_grad_norm"), "0 = no clipping"),
     "optim": _only(
-        "adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_torch_xla", "adamw_apex_fused",
+        "adamw_torch",
+        "adamw_torch_fused",
+        "adamw_hf",
+        "adamw_torch_xla",
+        "adamw_apex_fused",
         note="tr_align trains with AdamW (optax.adamw)",
     ),
     "optim_args": _only(None, note="no optimizer options"),
@@ -543,14 +549,40 @@ def from_dict(doc: dict, *, data_parallel: int = 1, known_keys=None, where="TRL 
     if refused:
         raise ConfigError(f"{where}: not supported: " + "; ".join(refused))
     notes = []
-    if ignored:
-        notes.append(f"{os.path.basename(where)}: ignored (no effect here): {', '.join(ignored)}")
+    if ignored:  # named: the ones set to something (a dumped config holds them all)
+        shown = [n for n in ignored if doc[n] not in (None, False, "", 0, [], {}, "no", "none")]
+        shown.sort(
+            key=lambda n: (n not in NOTED_FIRST, NOTED_FIRST.index(n) if n in NOTED_FIRST else 0)
+        )
+        more = len(ignored) - len(shown[:8])
+        notes.append(
+            f"{os.path.basename(where)}: {len(ignored)} logging/hub/launcher fields ignored (no "
+            f"effect here)"
+            + (f": {', '.join(shown[:8])}" if shown else "")
+            + (f" and {more} more" if shown and more else "")
+        )
     if absent:
         notes.append(
             f"{os.path.basename(where)}: at TRL's default, options this tr_align lacks: "
             + ", ".join(absent)
         )
-    return Settings(config=config, options=options, notes=notes)
+    return Settings(config=config, options=options, notes=notes, ignored=ignored)
+
+
+# Ignored fields a TRL user is most likely to have set on purpose: named first in the note.
+NOTED_FIRST = (
+    "report_to",
+    "run_name",
+    "logging_dir",
+    "push_to_hub",
+    "hub_model_id",
+    "resume_from_checkpoint",
+    "deepspeed",
+    "fsdp",
+    "torch_compile",
+    "use_liger_kernel",
+    "padding_free",
+)
 
 
 def _same(value, allowed) -> bool:
