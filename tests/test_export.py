@@ -134,6 +134,7 @@ def test_export_writes_the_data_tokenizer_readable_and_generate_answers(tiny_con
     assert isinstance(answer, str)
 
 
+@pytest.mark.slow
 def test_write_tokenizer_from_a_gguf_with_the_runs_chat_template(tmp_path):
     """A GGUF-embedded tokenizer (smollm2) is written as HF tokenizer files, with the run's
     data.chat_template ("hh") in place of the file's own template."""

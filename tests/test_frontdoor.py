@@ -62,7 +62,9 @@ def tiny_llama(tmp_path_factory):
 
 
 def _prepare(method="dpo", num_devices=1, overrides=None, **options):
-    return frontdoor.prepare(method, options, overrides or {}, num_devices=num_devices)
+    """``frontdoor.prepare``; the fixture models have no tokenizer: the fixture tokenizer."""
+    overrides = {"data.tokenizer": str(TOKENIZER), **(overrides or {})}
+    return frontdoor.prepare(method, options, overrides, num_devices=num_devices)
 
 
 # --- format detection --------------------------------------------------------------------------
@@ -217,6 +219,8 @@ def test_overrides_are_typed_and_unknown_keys_one_line(tmp_path):
     )
     assert options == {"model": "m", "data": "d", "trl-config": "t.yaml"}
     assert overrides == {"loss.beta": "0.2"}
+    with pytest.raises(ConfigError, match="llama_gqa: the directory has no tokenizer files"):
+        _prepare(model=str(LLAMA), data=data, workdir="w", overrides={"data.tokenizer": ""})
     with pytest.raises(ConfigError, match="--workdir is required"):
         _prepare(model=str(LLAMA), data=data)
     with pytest.raises(DataError, match="nope.jsonl: no such file"):
@@ -435,7 +439,7 @@ def test_front_door_errors_are_one_line(tmp_path):
     any training and with nothing written."""
     _write_jsonl(tmp_path / "my.jsonl", _pairs(15))
     (tmp_path / "dpo.yaml").write_text("beta: 0.1\nfp16: true\n", encoding="utf-8")
-    base = [f"--model={LLAMA}", "--workdir=O"]
+    base = [f"--model={LLAMA}", f"--data.tokenizer={TOKENIZER}", "--workdir=O"]
     for args, expected in (
         (["--data=nope.jsonl"], "tr-align: data error: nope.jsonl: no such file"),
         (

@@ -38,7 +38,7 @@ from collections import Counter
 import ml_collections
 
 from tr_align import config as config_lib
-from tr_align import defaults, sharding, trl_config, trust_region
+from tr_align import defaults, hf, sharding, trl_config, trust_region
 from tr_align.data import formats, sources
 from tr_align.errors import ConfigError, DataError
 from tr_align.io import pretrained
@@ -382,8 +382,6 @@ def model_context(source: str) -> int | None:
 
             path = gguf.smollm2_gguf_path() if source == "smollm2" else source
             return int(gguf.config_from_gguf(gguf_lib.GGUFReader(path)).max_position_embeddings)
-        from tr_align import hf
-
         local = pretrained.resolve(source)
         model_config = hf.config_from_hf(hf.read_config(local), os.path.join(local, "config.json"))
         return getattr(model_config, "max_position_embeddings", None)
@@ -461,6 +459,17 @@ def prepare(method: str, options: dict, overrides: dict, *, num_devices: int | N
         tr = "off" if not config.trust_region.enabled else "soft"
         if config.trust_region.enabled and config.trust_region.alpha == 1.0:
             tr = "hard"
+
+    tokenizer = config.data.tokenizer or model
+    if (
+        not pretrained.is_gguf(tokenizer)
+        and os.path.isdir(tokenizer)
+        and not any(os.path.isfile(os.path.join(tokenizer, f)) for f in hf.TOKENIZER_FILES)
+    ):
+        raise ConfigError(
+            f"--model={model}: the directory has no tokenizer files (tokenizer.json, ...); "
+            "give one with --data.tokenizer=DIR|HUB_ID|FILE.gguf"
+        )
 
     # --- the data: source, format, usable rows
     source, path = data_source(data)
