@@ -466,8 +466,9 @@ def prepare(method: str, options: dict, overrides: dict, *, num_devices: int | N
         and os.path.isdir(tokenizer)
         and not any(os.path.isfile(os.path.join(tokenizer, f)) for f in hf.TOKENIZER_FILES)
     ):
+        flag = "--data.tokenizer" if config.data.tokenizer else "--model"
         raise ConfigError(
-            f"--model={model}: the directory has no tokenizer files (tokenizer.json, ...); "
+            f"{flag}={tokenizer}: the directory has no tokenizer files (tokenizer.json, ...); "
             "give one with --data.tokenizer=DIR|HUB_ID|FILE.gguf"
         )
 
