@@ -31,6 +31,7 @@ setup(
         "transformers>=5,<6",  # tokenizers and chat templates only; torch is not needed
         "jinja2>=3.1",  # chat templates (transformers does not require it)
         "datasets>=3.0",  # local JSON/JSONL/Parquet files and hub datasets (tr_align/data/sources.py)
+        "pyyaml>=6",  # --trl-config: TRL's DPOConfig/KTOConfig YAML (tr_align/trl_config.py)
     ],
     extras_require={
         # data.source="tfds": read TFDS datasets through tfds.data_source (array_record), no TensorFlow

@@ -1,6 +1,11 @@
 """Command line: ``tr-align COMMAND [flags]`` (also ``python -m tr_align``).
 
 Commands:
+  dpo | ipo | kto | sft   Align a pretrained model on a data file in one command, TRL-style
+          (the format is detected, defaults suit a pretrained model; the trained model and its
+          tokenizer are written to WORKDIR/hf; tr_align/frontdoor.py):
+          tr-align dpo --model=HF_DIR|HUB_ID|FILE.gguf|smollm2 --data=FILE|GLOB|HUB_NAME
+            --workdir=DIR [--tr=soft|hard|off] [--format=F] [--trl-config=dpo.yaml] [--KEY=VALUE]
   train   Train or resume a run:
           tr-align train --config=configs/default.py[:PRESET] --workdir=DIR [--config.KEY=VALUE ...]
           Rerunning with the same --workdir resumes from its newest checkpoint (with the same
@@ -205,7 +210,32 @@ def _train(argv, command="train") -> None:
 
 
 def _sft(argv) -> None:
-    _train(argv, "sft")
+    if any(a == "--config" or a.startswith(("--config=", "--config.")) for a in argv[2:]):
+        _train(argv, "sft")  # a config file: as tr-align train with loss.type=sft
+    else:
+        _front_door(argv)
+
+
+def _front_door(argv) -> None:
+    """``tr-align dpo|ipo|kto|sft --model=M --data=D --workdir=O ...`` (tr_align.frontdoor)."""
+    from tr_align.training import interrupt
+
+    interrupt.install_startup_handlers()
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    try:
+        from tr_align import distributed, frontdoor
+
+        distributed.initialize()
+        code = frontdoor.main(argv[1], argv[2:])
+    except Exception as e:
+        report = error_report(e)
+        if report is None:
+            raise
+        print(report[0], file=sys.stderr)
+        sys.exit(report[1])
+    sys.exit(code)
 
 
 def _bench(argv) -> None:
@@ -617,6 +647,9 @@ def _toy(argv) -> None:
 
 
 COMMANDS = {
+    "dpo": _front_door,
+    "ipo": _front_door,
+    "kto": _front_door,
     "train": _train,
     "sft": _sft,
     "data": _data,

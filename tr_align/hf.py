@@ -301,11 +301,20 @@ def load_pretrained(path: str, dtype: str = "float32", *, shardings=None):
     return apply_fn, params, config
 
 
+def _as_new_file(path: str) -> None:
+    """Gives ``path`` the mode ``open()`` gives a new file (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_pretrained(params, config, out_dir: str, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes ``config.json`` and safetensors (sharded with an index above ``max_shard_bytes``)
     that ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads.
 
-    Tensors are written in the parameters' dtype (float32 or bfloat16).
+    Tensors are written in the parameters' dtype (float32 or bfloat16). The files get the
+    mode of any new file (``0666`` less the umask: ``0644`` usually), not the ``0600`` that
+    safetensors gives its own.
     """
     module = _module_for_config(config)
     host = jax.tree.map(np.asarray, jax.device_get(params))
@@ -327,11 +336,13 @@ def save_pretrained(params, config, out_dir: str, *, max_shard_bytes: int = 5 * 
             os.remove(os.path.join(out_dir, stale))
     if len(shards) == 1:
         save_file(shards[0], os.path.join(out_dir, SINGLE_FILE), metadata={"format": "pt"})
+        _as_new_file(os.path.join(out_dir, SINGLE_FILE))
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
+        _as_new_file(os.path.join(out_dir, file))
         weight_map.update(dict.fromkeys(shard, file))
     index = {
         "metadata": {"total_size": sum(x.nbytes for x in tensors.values())},

@@ -20,7 +20,7 @@ import os
 import jax
 
 from tr_align import defaults, hf
-from tr_align.errors import ConfigError
+from tr_align.errors import ConfigError, ModelError
 from tr_align.models import LlamaConfig
 
 
@@ -108,11 +108,20 @@ def load(model_cfg, param_shardings=None):
 
 
 def load_tokenizer(source: str):
-    """The tokenizer of a pretrained source (transformers; tokenizers only, no torch)."""
+    """The tokenizer of a pretrained source (transformers; tokenizers only, no torch); a
+    local directory without tokenizer files is a one-line ``ModelError``."""
     if is_gguf(source):
         from tr_align.io import gguf
 
         return gguf.load_tokenizer(gguf.smollm2_gguf_path() if source == "smollm2" else source)
+    if os.path.isdir(source) and not any(
+        os.path.isfile(os.path.join(source, name)) for name in hf.TOKENIZER_FILES
+    ):
+        raise ModelError(
+            f"{source}: no tokenizer files (expected tokenizer.json, or another of "
+            f"{', '.join(hf.TOKENIZER_FILES[1:])}); a directory exported by an older tr-align "
+            "may lack them: run tr-align export again"
+        )
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(source)
