@@ -125,6 +125,7 @@ def _tokenize(pairs, tokenizer, cfg, counts: Counter, progress: bool):
         tokenizer,
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
+        truncation_mode=defaults.get_in_block(cfg, "data.truncation_mode"),
         cache_dir=cfg.cache_dir,
         progress=progress,
     )
