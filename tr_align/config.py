@@ -449,12 +449,8 @@ def _validate_loss_types(config) -> None:
     _check(ok, "loss.type", raw, "must be a loss name, a comma-separated list or a list of names")
     types = loss_types(raw)
     for t in types:
-        _check(
-            t in known,
-            "loss.type",
-            raw,
-            f"{t!r} is not a loss; each entry must be one of {', '.join(known)}",
-        )
+        where = "must be" if len(types) == 1 else f"has {t!r}; each entry must be"
+        _check(t in known, "loss.type", raw, f"{where} one of {', '.join(known)}")
     paired = types not in (UNPAIRED_LOSSES, SFT_LOSSES)
     _check(
         not (len(types) > 1 and "kto" in types),
