@@ -322,6 +322,7 @@ def _batches():
     return {k: jax.tree.map(jnp.asarray, v) for k, v in out.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", [0, 3])
 def test_ld_alpha_and_wpo_in_every_layout(chunk_size):
     table, apply_fn = _bigram()
@@ -330,38 +331,115 @@ def test_ld_alpha_and_wpo_in_every_layout(chunk_size):
     # pair 1 by hand: chosen [3] (1 token), rejected [6, 5, 4]: shared 1, the rejected tail
     # 6 -> 5 -> 4 is weighted 0.3
     assert not np.allclose(want_ld, want_raw)
+    fn = jax.jit(
+        lambda params, batch, **kw: step_lib.sequence_logps(
+            apply_fn, params, batch, ("chosen", "rejected"), chunk_size=chunk_size, **kw
+        ),
+        static_argnames=("average", "ld_alpha", "wpo"),
+    )
     for layout, batch in _batches().items():
-        logps, tokens, extras = step_lib.sequence_logps(
-            apply_fn,
-            jnp.asarray(table),
-            batch,
-            ("chosen", "rejected"),
-            chunk_size=chunk_size,
-            ld_alpha=ld_alpha,
-            wpo=True,
-        )
+        logps, tokens, extras = fn(jnp.asarray(table), batch, ld_alpha=ld_alpha, wpo=True)
         np.testing.assert_allclose(logps, want_ld, rtol=1e-5, err_msg=layout)
         np.testing.assert_allclose(extras["raw"], want_raw, rtol=1e-5, err_msg=layout)
         np.testing.assert_allclose(extras["wpo"], want_wpo, rtol=1e-5, err_msg=layout)
         np.testing.assert_array_equal(tokens, [[len(c), len(r)] for c, r in zip(CHOSEN, REJECTED)])
         # averaged (ipo / sigmoid_norm alone): the LD sums over the full lengths, as TRL
-        avg, _, _ = step_lib.sequence_logps(
-            apply_fn, jnp.asarray(table), batch, ("chosen", "rejected"), average=True,
-            chunk_size=chunk_size, ld_alpha=ld_alpha,
-        )  # fmt: skip
+        avg, _, _ = fn(jnp.asarray(table), batch, average=True, ld_alpha=ld_alpha)
         np.testing.assert_allclose(avg, want_ld / np.asarray(tokens), rtol=1e-5, err_msg=layout)
 
 
 def test_ld_alpha_one_is_the_plain_sum_and_zero_masks_the_tail():
     table, apply_fn = _bigram()
     batch = _batches()["prefix_shared"]
-    _, raw, _ = _np_expected(table, 1.0)
-    plain, _, extras = step_lib.sequence_logps(
-        apply_fn, jnp.asarray(table), batch, ("chosen", "rejected")
+    fn = jax.jit(
+        lambda params, batch, **kw: step_lib.sequence_logps(
+            apply_fn, params, batch, ("chosen", "rejected"), **kw
+        ),
+        static_argnames=("ld_alpha",),
     )
+    _, raw, _ = _np_expected(table, 1.0)
+    plain, _, extras = fn(jnp.asarray(table), batch)
     np.testing.assert_allclose(plain, raw, rtol=1e-5)
     assert extras == {}
-    zero, _, _ = step_lib.sequence_logps(
-        apply_fn, jnp.asarray(table), batch, ("chosen", "rejected"), ld_alpha=0.0
-    )
+    zero, _, _ = fn(jnp.asarray(table), batch, ld_alpha=0.0)
     np.testing.assert_allclose(zero, _np_expected(table, 0.0)[0], rtol=1e-5, atol=1e-6)
+
+
+# --- end to end: the train step in every layout, resume -------------------------------------
+
+TRL_MIX = {
+    "optimizer.learning_rate": 3e-3,
+    "loss.type": "sigmoid_norm,bco_pair,sft",
+    "loss.weights": (1.0, 0.5, 0.2),
+    "loss.rpo_alpha": 0.1,
+    "loss.ld_alpha": 0.6,
+    "loss.use_weighting": True,
+    "loss.bco_running_mean": True,
+}
+
+
+@pytest.mark.slow
+def test_trl_options_train_the_same_in_every_layout(tiny_config):
+    """A loss list with weights, rpo_alpha, LD-DPO, WPO and the running bco mean: prefix-shared
+    batches with chunked log-probs give the padded step's loss, metrics, parameters and
+    running mean (``TrainState.loss_state``); packed: the next test."""
+    from test_packed_step import _assert_same, _run
+
+    devices = jax.devices()[:1]
+    # a frozen reference: step-2 rewards are a whole step's change, far from ties (chunked
+    # log-probs differ in float32 rounding)
+    want = _run(tiny_config("vanilla", **TRL_MIX), "none", 2, devices)
+    assert float(want[0].loss_state["bco_count"]) == 2.0
+    assert want[1][1]["wpo/weight"] < 1.0 and "loss/sigmoid_norm" in want[1][1]
+    chunked = tiny_config("vanilla", **TRL_MIX, **{"train.logps_chunk_size": 4})
+    _assert_same(_run(chunked, "prefix_shared", 2, devices), want)
+
+
+@pytest.mark.slow
+def test_trl_options_with_grad_accumulation_and_reference_free(tiny_config):
+    """K = 2 microbatches on 2 devices, a soft trust region: the running mean is updated once
+    per microbatch (count 2 a step), the same in the packed layout; reference_free runs hold
+    no reference."""
+    from test_packed_step import _assert_same, _run
+
+    devices = jax.devices()[:2]
+    config = tiny_config(**TRL_MIX, **{"train.grad_accum_steps": 2})
+    want = _run(config, "none", 2, devices)
+    assert float(want[0].loss_state["bco_count"]) == 4.0
+    _assert_same(_run(config, "packed", 2, devices), want)
+
+    free = tiny_config("vanilla", **{"loss.type": "sigmoid,sft", "loss.reference_free": True})
+    state, metrics, evals, _ = _run(free, "prefix_shared", 1, devices)
+    assert state.ref_params is None and state.loss_state is None
+    assert "ref_logps/chosen" not in metrics[0] and "ref/updates" not in metrics[0]
+    assert np.isfinite(metrics[0]["loss"]) and np.isfinite(evals["eval/loss"])
+
+
+@pytest.mark.slow
+def test_bco_running_mean_resumes_exactly(tiny_config, tmp_path):
+    """The running mean is part of the checkpointed state: stop at step 2 and resume gives the
+    straight run's losses and running means."""
+    import json
+
+    from tr_align.training import loop
+
+    c = tiny_config(
+        "vanilla",
+        **{
+            "loss.type": "bco_pair",
+            "loss.bco_running_mean": True,
+            "train.steps": 4,
+            "checkpoint.every_steps": 2,
+            "train.eval_every_steps": 4,
+        },
+    )
+    devices = jax.devices()[:1]
+    loop.run(c, str(tmp_path / "a"), progress=False, devices=devices)
+    loop.run(c, str(tmp_path / "b"), progress=False, devices=devices, stop_at_step=2)
+    loop.run(c, str(tmp_path / "b"), progress=False, devices=devices)
+    read = lambda d: [json.loads(x) for x in open(d / "metrics.jsonl")]  # noqa: E731
+    a = [(r["step"], r["loss"], r["bco/running_mean"]) for r in read(tmp_path / "a") if "loss" in r]
+    b = [(r["step"], r["loss"], r["bco/running_mean"]) for r in read(tmp_path / "b") if "loss" in r]
+    assert [s for s, _, _ in b] == [1, 2, 3, 4]
+    assert a == b
+    assert len({m for _, _, m in a}) >= 3  # the mean moves (step 1 is at the reference: 0)
