@@ -443,3 +443,45 @@ def test_bco_running_mean_resumes_exactly(tiny_config, tmp_path):
     assert [s for s, _, _ in b] == [1, 2, 3, 4]
     assert a == b
     assert len({m for _, _, m in a}) >= 3  # the mean moves (step 1 is at the reference: 0)
+
+
+# TRL 1.16 itself: ``DPOTrainer._compute_loss`` run (torch, float64) on this file's bigram
+# policy and a perturbed bigram reference, over the four pairs above (beta 0.5), by a script
+# that gives the trainer a stand-in ``self``; the values are hard-coded here. (TRL 1.16 fails
+# on use_weighting with an ``sft`` entry: an in-place multiply of an expanded tensor.)
+TRL_COMPUTED = [
+    ({"loss_type": ("sigmoid", "bco_pair", "sft"), "weights": (0.8, 0.2, 1.0)}, 4.225907426148634),
+    (
+        {"loss_type": ("sigmoid", "bco_pair"), "weights": (0.8, 0.2), "ld_alpha": 0.3,
+         "use_weighting": True},
+        0.017286574418349097,
+    ),
+    (
+        {"loss_type": ("sigmoid", "bco_pair", "sft"), "weights": (0.8, 0.2, 1.0),
+         "ld_alpha": 0.3},
+        4.221763356381084,
+    ),
+    ({"loss_type": ("sigmoid_norm", "ipo"), "ld_alpha": 0.5}, 1.0936862791414543),
+    ({"loss_type": ("aot_unpaired", "apo_zero")}, 1.388470892331478),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["none", "prefix_shared"])
+def test_losses_match_values_computed_by_trl(layout):
+    table, apply_fn = _bigram()
+    ref_table = table + np.random.default_rng(1).normal(scale=0.5, size=(V, V))
+    ref_table = ref_table.astype(np.float32)
+    batch = _batches()[layout]
+    for kw, want in TRL_COMPUTED:
+        obj = objectives.Paired(beta=BETA, **kw)
+
+        def logps(params, wpo=False, obj=obj):
+            return step_lib.sequence_logps(
+                apply_fn, jnp.asarray(params), batch, ("chosen", "rejected"),
+                average=obj.average_logps, ld_alpha=obj.ld_alpha, wpo=wpo,
+            )  # fmt: skip
+
+        pol, tokens, extras = logps(table, obj.use_weighting)
+        lp = objectives.Logps(pol, logps(ref_table)[0], tokens, **extras)
+        got = float(objectives.finalize(obj.loss(lp, {}))["loss"])
+        assert got == pytest.approx(want, rel=2e-5), kw

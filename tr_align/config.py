@@ -88,6 +88,8 @@ def loss_types(loss_type) -> tuple[str, ...]:
 def is_unpaired(loss_cfg) -> bool:
     """Whether the ``loss`` block trains on unpaired data (``loss.type=kto``)."""
     return loss_types(loss_cfg.type) == UNPAIRED_LOSSES
+
+
 DATA_SOURCES = ("synthetic", "files", "hub", "tfds")
 
 

@@ -40,7 +40,9 @@ DEFAULTS: dict[str, Default] = {
     "loss.weights": Default(
         (), "TRL loss_weights: one weight per loss.type entry (a list); () = 1.0 for each"
     ),
-    "loss.rpo_alpha": Default(0.0, "RPO: + rpo_alpha * NLL of the chosen (TRL's sft term); 0 = off"),
+    "loss.rpo_alpha": Default(
+        0.0, "RPO: + rpo_alpha * NLL of the chosen (TRL's sft term); 0 = off"
+    ),
     "loss.ld_alpha": Default(
         1.0, "LD-DPO: weight of the completion tokens past the pair's shared length; 1 = off"
     ),

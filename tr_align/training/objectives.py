@@ -14,8 +14,9 @@ An objective says
   microbatches and divides once, so gradient accumulation gives the full-batch value
   of every statistic that is a mean over examples or tokens (the preference losses, SFT's
   token-mean NLL, the reward metrics). Statistics of the batch as a whole — the KL
-  reference point of KTO and ``kto_pair``, ``bco_pair``'s reward shift, AOT's sorted
-  log-ratios — are taken per microbatch, as TRL takes them per device batch;
+  reference point of KTO and ``kto_pair``, AOT's sorted log-ratios, the ``sft`` entry of
+  a loss list — are taken per microbatch, as TRL takes them per device batch, and
+  ``bco_pair``'s running mean (``loss.bco_running_mean``) is updated once per microbatch;
 * its held-out metrics (``eval_metrics``: weighted means over a batch whose rows carry
   ``weight`` and the initial policy's log-probs ``init_{chosen,rejected}_logps``).
 
@@ -231,7 +232,9 @@ class Paired(_Stateless):
                 discopop_tau=self.discopop_tau,
                 bco_delta=delta,
             )[0]
-            if per_example.shape[0] != lp.policy.shape[0] and (weight is not None or pair_w is not None):
+            if per_example.shape[0] != lp.policy.shape[0] and (
+                weight is not None or pair_w is not None
+            ):
                 per_example = per_example.reshape(2, -1).mean(0)  # kto_pair: [chosen; rejected]
             if pair_w is not None:
                 per_example = per_example * pair_w

@@ -5,7 +5,9 @@
      chosen and rejected, or completion and KL rows, ...),
   2. one reference forward on the same tokens, under ``stop_gradient``, when the
      objective has a reference (SFT has none),
-  3. the objective's loss and its gradient (``tr_align.training.objectives``),
+  3. the objective's loss and its gradient (``tr_align.training.objectives``; an objective
+     with a running state — ``bco_pair``'s running mean — updates ``TrainState.loss_state``
+     once per microbatch, kept on a skipped step),
   4. the optax update of the policy and 5. the reference update
      (``TrainState.apply_gradients``; a ``trust_region.ReferenceUpdate``, or none for a
      frozen reference: vanilla DPO/IPO/KTO).
