@@ -76,6 +76,9 @@ def get_config(preset: str | None = None):
             chat_template="",  # "" = the tokenizer's; "hh" = HH raw text; or a Jinja string
             max_length=1024,  # prompt + completion tokens (TRL's max_length)
             max_prompt_length=512,  # over-long prompts keep their end; 0 = never truncate
+            # what max_length cuts (TRL's truncation_mode): keep_start = completions keep their
+            # start; keep_end = sequences keep their end (the prompt loses its start)
+            truncation_mode="keep_start",
             buckets=(),  # padded lengths; () = powers of two from 64 up to max_length
             group_by_length=False,  # batches of similar lengths (less padding)
             group_window=16,  # batches per length-sorted window
@@ -123,14 +126,22 @@ def get_config(preset: str | None = None):
 
     c.loss = ml_collections.ConfigDict(
         dict(
-            # any of tr_align.losses.LOSS_TYPES (paired), or "kto" (unpaired KTO; paired data
-            # is split into desirable/undesirable examples)
+            # any of tr_align.losses.LOSS_TYPES (paired), "sft", or "kto" (unpaired KTO; paired
+            # data is split into desirable/undesirable examples); or TRL's list of paired losses
+            # (and sft) as a comma-separated string, e.g. "sigmoid,bco_pair,sft" (MPO)
             type="sigmoid",
+            weights=(),  # one per loss.type entry; () = 1.0 each (TRL loss_weights)
             beta=0.1,
             label_smoothing=0.0,
             discopop_tau=0.05,
             desirable_weight=1.0,  # kto only
             undesirable_weight=1.0,  # kto only
+            rpo_alpha=0.0,  # RPO: + rpo_alpha * NLL of the chosen completions; 0 = off
+            ld_alpha=1.0,  # LD-DPO: weight of tokens past the pair's shared length; 1 = off
+            use_weighting=False,  # WPO: weight each pair by the policy's w_c * w_r
+            reference_free=False,  # reference log-probs 0, no reference (trust region off)
+            bco_running_mean=False,  # bco_pair: running-mean shift (old TRL); False = TRL 1.16
+            precompute_ref_log_probs=False,  # TRL's option; only False is supported
         )
     )
 

@@ -75,6 +75,58 @@ def test_truncation_follows_trls_classic_rule():
     assert e.value.reason == "prompt_too_long"
 
 
+def _trl_keep_end(prompt, completion, max_length):
+    """TRL 1.16 ``DataCollatorForPreference`` with truncation_mode='keep_end': each sequence
+    ``(prompt + completion)[-max_length:]``, the completion mask cut alike."""
+    seq = (prompt + completion)[-max_length:]
+    mask = ([0] * len(prompt) + [1] * len(completion))[-max_length:]
+    return seq, mask
+
+
+def test_truncation_mode_keep_end_is_trls_for_the_longest_sequence():
+    p, c, r = list(range(10)), [1] * 6, [2] * 3
+    # fits: unchanged in both modes
+    for mode in ("keep_start", "keep_end"):
+        got = tokenize.truncate(p, [c, r], max_length=16, max_prompt_length=0, truncation_mode=mode)
+        assert got == (p, [c, r])
+    # 10 + 6 > 12: the prompt loses its start (keeps 12 - 6 = 6 tokens), completions whole
+    got_p, got_cs = tokenize.truncate(
+        p, [c, r], max_length=12, max_prompt_length=0, truncation_mode="keep_end"
+    )
+    assert (got_p, got_cs) == ([4, 5, 6, 7, 8, 9], [c, r])
+    seq, mask = _trl_keep_end(p, c, 12)  # the longest sequence is exactly TRL's
+    assert got_p + got_cs[0] == seq and [0] * len(got_p) + [1] * len(c) == mask
+    # keep_start (the default) cuts the completions' ends instead: 12 - 10 = 2 tokens
+    assert tokenize.truncate(p, [c, r], max_length=12, max_prompt_length=0) == (p, [[1, 1], [2, 2]])
+    # max_prompt_length first (prompt -> last 8), then keep_end: 8 + 6 > 12 -> keep 6
+    assert tokenize.truncate(
+        p, [c, r], max_length=12, max_prompt_length=8, truncation_mode="keep_end"
+    ) == ([4, 5, 6, 7, 8, 9], [c, r])
+    # a completion alone fills max_length: the prompt keeps its last token, completions their
+    # last max_length - 1 tokens (never a bad row, as in TRL)
+    long_c = list(range(100, 108))
+    assert tokenize.truncate(
+        p, [long_c, r], max_length=6, max_prompt_length=0, truncation_mode="keep_end"
+    ) == ([9], [long_c[-5:], r])
+
+
+def test_truncation_mode_reaches_the_tokenizer_and_the_cache(tok, tmp_path):
+    ex = {"prompt": "The capital of France is a city", "chosen": " Paris.", "rejected": " Lyon."}
+    full, _, _ = tokenize.tokenize([ex], tok, max_length=256, max_prompt_length=0, progress=False)
+    longest = max(len(full.chosen[0]), len(full.rejected[0]))
+    assert len(full.prompt[0]) > 3
+    kw = dict(max_length=longest + 3, max_prompt_length=0, cache_dir=str(tmp_path), progress=False)
+    start, _, _ = tokenize.tokenize_cached([ex], tok, **kw)
+    end, _, stats = tokenize.tokenize_cached([ex], tok, truncation_mode="keep_end", **kw)
+    assert not stats["cached"]  # its own cache entry
+    # keep_end: whole completions, the prompt's last 3 tokens
+    np.testing.assert_array_equal(end.chosen[0], full.chosen[0])
+    np.testing.assert_array_equal(end.rejected[0], full.rejected[0])
+    np.testing.assert_array_equal(end.prompt[0], full.prompt[0][-3:])
+    # keep_start: the prompt alone fills max_length -> the row is dropped (TRL drops it too)
+    assert len(full.prompt[0]) >= longest + 3 and len(start) == 0
+
+
 def test_plain_text_tokens_and_eos(tok):
     ex = {"prompt": "The capital of France", "chosen": " is Paris.", "rejected": " is Lyon."}
     data, bad, _ = tokenize.tokenize([ex], tok, max_length=64, max_prompt_length=32)

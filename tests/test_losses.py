@@ -65,16 +65,18 @@ def ref_preference_loss(loss_type, pc, pr, rc, rr, beta, ls=0.0, tau=0.05, bco_d
         return np.maximum(0.0, 1.0 - z)
     if loss_type == "ipo":
         return (logits - 1.0 / (2.0 * beta)) ** 2
-    if loss_type == "bco_pair":
+    if loss_type == "bco_pair":  # TRL 1.16: no shift unless a (running-mean) delta is given
         r_c, r_r = beta * cl, beta * rl
-        delta = np.mean(np.concatenate([r_c, r_r])) if bco_delta is None else bco_delta
+        delta = 0.0 if bco_delta is None else bco_delta
         return -np_logsig(r_c - delta) - np_logsig(delta - r_r)
     if loss_type == "sppo_hard":
         return (cl - 1.0 / (2.0 * beta)) ** 2 + (rl + 1.0 / (2.0 * beta)) ** 2
     if loss_type == "nca_pair":
         return -np_logsig(beta * cl) - 0.5 * np_logsig(-beta * cl) - 0.5 * np_logsig(-beta * rl)
-    if loss_type == "aot_pair":
+    if loss_type in ("aot_unpaired", "aot_pair"):
         return np_smoothed(beta * (np.sort(cl) - np.sort(rl)), ls)
+    if loss_type == "sigmoid_norm":  # TRL 1.16: -logsigmoid(beta * delta), no smoothing; the
+        return -np_logsig(z)  # caller feeds length-averaged logps
     if loss_type == "aot":
         return np_smoothed(beta * (np.sort(pc - pr) - np.sort(rc - rr)), ls)
     if loss_type == "apo_zero":
@@ -342,14 +344,44 @@ def test_gradients_vs_finite_differences(loss_type, kw):
         np.testing.assert_allclose(np.asarray(g), e, rtol=1e-3, atol=1e-6)
 
 
-def test_bco_default_delta_is_stop_gradient():
+def test_bco_traced_delta_is_stop_gradient():
+    """A delta computed from the log-probs (the running mean) gets no gradient."""
     beta = 0.5
     pc, pr, rc, rr = make_batch("small", b=6, seed=12)
     delta = beta * np.mean(np.concatenate([pc - rc, pr - rr]).astype(np.float64))
-    g_default = jax.grad(_mean_loss("bco_pair", beta=beta), argnums=(0, 1, 2, 3))(pc, pr, rc, rr)
+
+    def traced(pc, pr, rc, rr):
+        d = beta * jnp.mean(jnp.concatenate([pc - rc, pr - rr]))
+        return preference_loss("bco_pair", pc, pr, rc, rr, beta=beta, bco_delta=d)[0].mean()
+
+    got = jax.grad(traced, argnums=(0, 1, 2, 3))(pc, pr, rc, rr)
     f = lambda *a: ref_preference_loss("bco_pair", *a, beta, bco_delta=delta).mean()
-    for g, e in zip(g_default, _fd_grad(f, (pc, pr, rc, rr))):
+    for g, e in zip(got, _fd_grad(f, (pc, pr, rc, rr))):
         np.testing.assert_allclose(np.asarray(g), e, rtol=1e-3, atol=1e-6)
+
+
+def test_trl_1_16_hand_values():
+    """Hand-derived values of TRL 1.16 ``_compute_loss`` (bco_pair without shift,
+    sigmoid_norm on length-averaged logps, aot_unpaired = the old aot_pair)."""
+    beta = 0.5
+    # one pair: cl = pc - rc = 1, rl = pr - rr = -1
+    pc, pr, rc, rr = (np.array([x], np.float32) for x in (-2.0, -5.0, -3.0, -4.0))
+    # bco_pair with rl = -0.5: softplus(-beta cl) + softplus(beta rl) (the batch-mean shift
+    # 0.125 of the old form would give softplus(-0.375) + softplus(-0.375))
+    bco = math.log1p(math.exp(-0.5)) + math.log1p(math.exp(-0.25))
+    got = preference_loss("bco_pair", pc, pr + 0.5, rc, rr, beta=beta)[0]
+    np.testing.assert_allclose(np.asarray(got), [bco], rtol=1e-6)
+    # sigmoid_norm on averaged logps: |y_c| = 2, |y_r| = 4 -> z = 0.5 * (1/2 - (-1)/4) = 0.375
+    avg = [np.array([v / n], np.float32) for v, n in ((-2.0, 2), (-5.0, 4), (-3.0, 2), (-4.0, 4))]
+    got = preference_loss("sigmoid_norm", *avg, beta=beta, label_smoothing=0.3)[0]
+    np.testing.assert_allclose(np.asarray(got), [math.log1p(math.exp(-0.375))], rtol=1e-6)
+    assert uses_average_logps("sigmoid_norm") and uses_average_logps("ipo")
+    # aot_unpaired sorts the log-ratios separately: cl = (3, -1), rl = (0, 2) -> d = (-1, 1)
+    two = [np.array(v, np.float32) for v in ((3.0, -1.0), (0.0, 2.0), (0.0, 0.0), (0.0, 0.0))]
+    want = [math.log1p(math.exp(0.5)), math.log1p(math.exp(-0.5))]
+    for name in ("aot_unpaired", "aot_pair"):
+        got = preference_loss(name, *two, beta=beta)[0]
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
 
 
 # Rewards come from one shared code path; check it through a few branches.
@@ -441,8 +473,9 @@ def test_bad_label_smoothing_and_shapes():
 
 def test_uses_average_logps():
     assert uses_average_logps("ipo") is True
+    assert uses_average_logps("sigmoid_norm") is True
     for lt in LOSS_TYPES:
-        if lt != "ipo":
+        if lt not in ("ipo", "sigmoid_norm"):
             assert uses_average_logps(lt) is False
 
 

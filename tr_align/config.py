@@ -71,6 +71,25 @@ MAX_SANE_LEARNING_RATE = 0.1
 
 UNPAIRED_LOSSES = ("kto",)  # unpaired data (tr_align.training.objectives.KTO)
 SFT_LOSSES = ("sft",)  # next-token loss on the chosen completions (objectives.SFT)
+TRUNCATION_MODES = ("keep_start", "keep_end")  # data.truncation_mode (TRL's)
+# losses that sort the batch: no per-pair WPO weights (TRL refuses them too)
+_SORTING_LOSSES = ("aot", "aot_unpaired")
+
+
+def loss_types(loss_type) -> tuple[str, ...]:
+    """``loss.type`` as a tuple of names: one name, a comma-separated string
+    ("sigmoid,bco_pair,sft": TRL's ``loss_type`` list) or a list/tuple of names; old names
+    (``aot_pair``) mapped to TRL's current ones (``losses.LOSS_ALIASES``)."""
+    if isinstance(loss_type, str):
+        loss_type = loss_type.split(",")
+    return tuple(losses.canonical_loss_type(str(t).strip()) for t in loss_type)
+
+
+def is_unpaired(loss_cfg) -> bool:
+    """Whether the ``loss`` block trains on unpaired data (``loss.type=kto``)."""
+    return loss_types(loss_cfg.type) == UNPAIRED_LOSSES
+
+
 DATA_SOURCES = ("synthetic", "files", "hub", "tfds")
 
 
@@ -168,12 +187,7 @@ def validate(config, num_devices: int) -> None:
         "must be a number >= 0 (0 = run train.steps steps)",
     )
 
-    _check(
-        lo.type in losses.LOSS_TYPES + UNPAIRED_LOSSES + SFT_LOSSES,
-        "loss.type",
-        lo.type,
-        f"must be one of {', '.join(losses.LOSS_TYPES + UNPAIRED_LOSSES + SFT_LOSSES)}",
-    )
+    _validate_loss_types(config)
     _check(_is_num(lo.beta) and lo.beta > 0, "loss.beta", lo.beta, "must be a number > 0")
     _check(
         lo.beta >= MIN_BETA,
@@ -427,6 +441,94 @@ def _validate_synthetic(config) -> None:
         )
 
 
+def _validate_loss_types(config) -> None:
+    """loss.type (one type or TRL's list) and the TRL options that go with it."""
+    lo, known = config.loss, losses.LOSS_TYPES + UNPAIRED_LOSSES + SFT_LOSSES
+    raw = lo.type
+    ok = isinstance(raw, str) or (
+        isinstance(raw, (list, tuple)) and all(isinstance(t, str) for t in raw)
+    )
+    _check(ok, "loss.type", raw, "must be a loss name, a comma-separated list or a list of names")
+    types = loss_types(raw)
+    for t in types:
+        where = "must be" if len(types) == 1 else f"has {t!r}; each entry must be"
+        _check(t in known, "loss.type", raw, f"{where} one of {', '.join(known)}")
+    paired = types not in (UNPAIRED_LOSSES, SFT_LOSSES)
+    _check(
+        not (len(types) > 1 and "kto" in types),
+        "loss.type",
+        raw,
+        "kto (unpaired) cannot be combined with other losses",
+    )
+    weights = get_optional(config, "loss.weights")
+    _check(
+        isinstance(weights, (list, tuple))
+        and all(_is_num(w) and w >= 0 for w in weights)
+        and len(weights) in (0, len(types)),
+        "loss.weights",
+        weights,
+        f"must be () or {len(types)} number(s) >= 0, one per loss.type entry ({', '.join(types)})",
+    )
+    rpo = get_optional(config, "loss.rpo_alpha")
+    _check(_is_num(rpo) and rpo >= 0, "loss.rpo_alpha", rpo, "must be a number >= 0 (0 = off)")
+    _check(
+        not rpo or paired,
+        "loss.rpo_alpha",
+        rpo,
+        f"adds the chosen NLL to a paired loss; loss.type={raw!r} has none",
+    )
+    ld = get_optional(config, "loss.ld_alpha")
+    _check(_is_num(ld) and 0 <= ld <= 1, "loss.ld_alpha", ld, "must be in [0, 1] (1 = off)")
+    _check(
+        ld == 1 or paired,
+        "loss.ld_alpha",
+        ld,
+        f"weights the tokens past a pair's shared length; loss.type={raw!r} is not paired",
+    )
+    wpo = get_optional(config, "loss.use_weighting")
+    _check(isinstance(wpo, bool), "loss.use_weighting", wpo, "must be True or False")
+    if wpo:
+        _check(paired, "loss.use_weighting", wpo, f"weights pairs; loss.type={raw!r} is not paired")
+        bad = [t for t in types if t in _SORTING_LOSSES + ("kto_pair",)]
+        _check(
+            not bad,
+            "loss.use_weighting",
+            wpo,
+            f"not for {', '.join(bad)}: aot/aot_unpaired sort the batch (per-pair weights would "
+            "be misaligned, as TRL says) and kto_pair's terms are not per pair",
+        )
+    tr_enabled = config.trust_region.enabled is True
+    free = get_optional(config, "loss.reference_free")
+    _check(isinstance(free, bool), "loss.reference_free", free, "must be True or False")
+    if free:
+        _check(paired, "loss.reference_free", free, f"is for paired losses, not {raw!r}")
+        _check(
+            not tr_enabled,
+            "loss.reference_free",
+            free,
+            "leaves no reference for the trust region to update; set trust_region.enabled=False",
+        )
+    bco = get_optional(config, "loss.bco_running_mean")
+    _check(isinstance(bco, bool), "loss.bco_running_mean", bco, "must be True or False")
+    pre = get_optional(config, "loss.precompute_ref_log_probs")
+    _check(isinstance(pre, bool), "loss.precompute_ref_log_probs", pre, "must be True or False")
+    if pre:
+        _check(
+            not tr_enabled,
+            "loss.precompute_ref_log_probs",
+            pre,
+            "cannot be used with a trust region: the reference changes every trust_region.tau "
+            "steps, so log-probs computed before training go stale",
+        )
+        _check(
+            False,
+            "loss.precompute_ref_log_probs",
+            pre,
+            "is not supported: the frozen reference's forward runs inside the train step (one "
+            "forward, no backward); set it False (or loss.reference_free=True for no reference)",
+        )
+
+
 def _validate_resume_keys(config) -> None:
     """The numerics guard and the schedule record of a resumed run (tr_align.training.resume)."""
     bad = get_optional(config, "train.max_bad_steps")
@@ -483,6 +585,13 @@ def _validate_data(config) -> None:
     _check(
         d.on_bad_row in ("skip", "error"), "data.on_bad_row", d.on_bad_row, "must be skip or error"
     )
+    mode = get_optional(config, "data.truncation_mode")
+    _check(
+        mode in TRUNCATION_MODES,
+        "data.truncation_mode",
+        mode,
+        f"must be one of {', '.join(TRUNCATION_MODES)} (TRL's truncation_mode)",
+    )
     if not get_optional(config, "data.eval_split"):
         f = get_optional(config, "data.eval_fraction")
         _check(
@@ -503,7 +612,7 @@ def _validate_data(config) -> None:
     _check(_is_int(gw) and gw >= 0, "data.group_window", gw, "must be an integer >= 0")
     if d.format in formats.UNPAIRED_FORMATS:
         _check(
-            config.loss.type in UNPAIRED_LOSSES,
+            is_unpaired(config.loss),
             "loss.type",
             config.loss.type,
             f"data.format={d.format!r} is unpaired: use loss.type='kto'",

@@ -37,11 +37,33 @@ DEFAULTS: dict[str, Default] = {
     ),
     "loss.desirable_weight": Default(1.0, "kto: weight of the desirable examples' losses"),
     "loss.undesirable_weight": Default(1.0, "kto: weight of the undesirable examples' losses"),
+    "loss.weights": Default(
+        (), "TRL loss_weights: one weight per loss.type entry (a list); () = 1.0 for each"
+    ),
+    "loss.rpo_alpha": Default(
+        0.0, "RPO: + rpo_alpha * NLL of the chosen (TRL's sft term); 0 = off"
+    ),
+    "loss.ld_alpha": Default(
+        1.0, "LD-DPO: weight of the completion tokens past the pair's shared length; 1 = off"
+    ),
+    "loss.use_weighting": Default(False, "WPO: weight each pair by the policy's w_c * w_r"),
+    "loss.reference_free": Default(False, "reference log-probs 0 (no reference model held)"),
+    "loss.bco_running_mean": Default(
+        False, "bco_pair: shift by the running mean reward (old TRL); False = TRL 1.16 (no shift)"
+    ),
+    "loss.precompute_ref_log_probs": Default(
+        False, "TRL's option; only False (the reference forward runs in the step)"
+    ),
     "mesh.rules": Default((), "extra (logical axis, mesh axes) sharding rules; () = built-in"),
     "data.tokenizer": Default("", "tokenizer source; '' = model.pretrained's"),
     "data.chat_template": Default("", "'' = the tokenizer's; 'hh' = HH raw text; or Jinja"),
     "data.fields": Default(None, "generic/kto: our field name -> the record's key; None = same"),
     "data.data_dir": Default("", "hub: a sub-folder of the dataset; tfds: the data folder"),
+    "data.truncation_mode": Default(
+        "keep_start",
+        "TRL's truncation_mode for data.max_length: keep_start (completions keep their start) "
+        "| keep_end (the prompt loses its start)",
+    ),
     "data.eval_split": Default("", "held-out split; '' = hold out data.eval_fraction"),
     "data.eval_fraction": Default(0, "held-out share of data.split; required without eval_split"),
     "data.buckets": Default((), "padded lengths; () = powers of two up to data.max_length"),

@@ -31,7 +31,9 @@ Conventions
 * Implicit rewards ``beta * logratios`` are returned wrapped in
   ``jax.lax.stop_gradient`` (logging only, like TRL's ``.detach()``).
 * Formulas follow the 2024-2025 TRL ``DPOTrainer.dpo_loss`` (the version with
-  ``aot_pair``, the BCO running mean and the EXO eps fallback) and
+  the EXO eps fallback and cDPO label smoothing of ``sigmoid``) and TRL 1.16's
+  ``DPOTrainer._compute_loss`` (``sigmoid_norm``, ``aot_unpaired`` = the old ``aot_pair``,
+  the stateless ``bco_pair``), and
   ``KTOTrainer.kto_loss``; ``kto_pair`` is the paired KTO loss TRL's DPO trainer
   had until mid-2024 (used for TR-KTO in Gorbatovski et al. 2024,
   arXiv:2404.09656). Numerically equivalent rewrites are used where they are
@@ -53,11 +55,15 @@ import jax.numpy as jnp
 
 __all__ = [
     "LOSS_TYPES",
+    "LOSS_ALIASES",
+    "AVERAGED_LOSSES",
+    "canonical_loss_type",
     "preference_loss",
     "uses_average_logps",
     "kto_loss",
     "kto_loss_labeled",
     "token_logps",
+    "token_logps_and_sq",
     "sequence_logps",
     "chunked_sequence_logps",
 ]
@@ -72,12 +78,17 @@ LOSS_TYPES: tuple[str, ...] = (
     "bco_pair",
     "sppo_hard",
     "aot",
-    "aot_pair",
+    "aot_unpaired",
     "apo_zero",
     "apo_down",
     "discopop",
     "kto_pair",
+    "sigmoid_norm",
 )
+# Older names still accepted (TRL renamed ``aot_pair`` to ``aot_unpaired``).
+LOSS_ALIASES: dict[str, str] = {"aot_pair": "aot_unpaired"}
+# Losses that expect length-averaged per-sequence log-probs (``uses_average_logps``).
+AVERAGED_LOSSES: tuple[str, ...] = ("ipo", "sigmoid_norm")
 
 _EXO_DEFAULT_EPS = 1e-3
 
@@ -87,10 +98,17 @@ def _is_static_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def canonical_loss_type(loss_type: str) -> str:
+    """``loss_type`` with an old name (``LOSS_ALIASES``: ``aot_pair``) mapped to TRL's current
+    one (``aot_unpaired``); unknown names unchanged."""
+    return LOSS_ALIASES.get(loss_type, loss_type)
+
+
 def _check_loss_type(loss_type) -> None:
-    if loss_type not in LOSS_TYPES:
+    if canonical_loss_type(loss_type) not in LOSS_TYPES:
         raise ValueError(
-            f"Unknown loss_type {loss_type!r}; valid loss types are: {', '.join(LOSS_TYPES)}."
+            f"Unknown loss_type {loss_type!r}; valid loss types are: {', '.join(LOSS_TYPES)} "
+            f"(aliases: {', '.join(LOSS_ALIASES)})."
         )
 
 
@@ -134,16 +152,16 @@ def _saturating_square_jvp(cap, primals, tangents):
 def uses_average_logps(loss_type: str) -> bool:
     """Whether ``loss_type`` expects length-AVERAGED per-sequence log-probs.
 
-    TRL divides the summed completion log-probs by the number of completion
-    tokens for IPO only (``DPOTrainer.concatenated_forward``: ``if loss_type ==
-    "ipo": all_logps = all_logps / size_completion``); every other loss uses the
-    sum. Use the result as ``sequence_logps(..., average=...)``.
+    TRL divides the summed completion log-probs (its "scores") by the number of
+    completion tokens for ``ipo`` and ``sigmoid_norm`` (``AVERAGED_LOSSES``; TRL 1.16
+    ``DPOTrainer._compute_loss``: ``chosen_scores / chosen_mask.sum(dim=1).clamp(min=1.0)``);
+    every other loss uses the sum. Use the result as ``sequence_logps(..., average=...)``.
 
     Raises:
       ValueError: unknown ``loss_type``.
     """
     _check_loss_type(loss_type)
-    return loss_type == "ipo"
+    return canonical_loss_type(loss_type) in AVERAGED_LOSSES
 
 
 def _smoothed_logistic(z: jax.Array, label_smoothing) -> jax.Array:
@@ -187,18 +205,20 @@ def preference_loss(
       Saturates at float32-max / B instead of overflowing; exact gradient
       (see "Range" above).
     * ``bco_pair`` (BCO, Jung et al. 2024, arXiv:2404.04656), with delta =
-      ``bco_delta`` if given, else stop_gradient(mean(concat(beta cl, beta rl)))
-      over the (global) batch:
+      ``bco_delta`` (default 0):
           -logsig(beta cl - delta) - logsig(-(beta rl - delta))
-      TRL uses a running mean (``RunningMoments``) of that batch mean across
-      training steps; a caller that wants TRL's exact behaviour keeps that
-      running value itself and passes it as ``bco_delta``.
+      delta = 0 is TRL 1.16's stateless form. TRL before 1.x shifted by a running
+      mean (``RunningMoments``) over training steps of the batch mean
+      mean(concat(beta cl, beta rl)); a caller that wants that form keeps the running
+      value itself and passes it (a scalar, not differentiated) as ``bco_delta``
+      (``tr_align.training.objectives.Paired`` with ``bco_running_mean``).
     * ``sppo_hard`` (SPPO, Wu et al. 2024, arXiv:2405.00675, hard labels):
           (cl - 0.5 / beta)^2 + (rl + 0.5 / beta)^2
       (each square saturates at float32-max / 2B, exact gradient; see "Range").
     * ``nca_pair`` (NCA, Chen et al. 2024, arXiv:2402.05369):
           -logsig(beta cl) - 0.5 logsig(-beta cl) - 0.5 logsig(-beta rl)
-    * ``aot_pair`` (AOT, Melnyk et al. 2024, arXiv:2406.05882, unpaired form):
+    * ``aot_unpaired`` (AOT, Melnyk et al. 2024, arXiv:2406.05882, unpaired form;
+      ``aot_pair`` is its older name, still accepted):
           d = sort(cl) - sort(rl)  (sorted over the batch axis);
           -logsig(beta d) (1 - ls) - logsig(-beta d) ls
     * ``aot``      (AOT, paired form): d = sort(pc - pr) - sort(rc - rr); same form.
@@ -210,6 +230,9 @@ def preference_loss(
       m = sigmoid(z / discopop_tau):
           -logsig(z) (1 - m) + exp(-z) m
       (exp(-z) m is evaluated as exp(-z + logsig(z / tau)) to avoid inf * 0.)
+    * ``sigmoid_norm`` (TRL 1.16; length-normalised DPO, as SimPO's normalisation with a
+      reference): -logsig(z), no label smoothing. It expects length-AVERAGED logps
+      (``uses_average_logps``), so z = beta * (cl / |y_c| - rl / |y_r|).
     * ``kto_pair`` (paired KTO, Ethayarajh et al. 2024, arXiv:2402.01306, eq. 7;
       removed from TRL in 2024, used by TR-KTO): chosen_KL = max(mean(cl), 0),
       rejected_KL = max(mean(rl), 0) (no stop_gradient, as in old TRL);
@@ -222,9 +245,10 @@ def preference_loss(
         ref_rejected_logps: float arrays of shape [B].
       beta: inverse temperature / KL strength (> 0). For IPO it is tau.
       label_smoothing: cDPO / rDPO noise rate in [0, 0.5) (also eps for EXO and
-        the smoothing of the AOT losses); ignored by the other losses.
+        the smoothing of the AOT losses); ignored by the other losses (and by
+        ``sigmoid_norm``, as in TRL).
       discopop_tau: temperature of the DiscoPOP mixing coefficient (> 0).
-      bco_delta: optional reward shift for ``bco_pair`` (scalar).
+      bco_delta: reward shift for ``bco_pair`` (scalar; None = 0, TRL 1.16).
 
     Returns:
       (losses, chosen_rewards, rejected_rewards): losses has shape [B] ([2B]
@@ -237,6 +261,7 @@ def preference_loss(
         as Python numbers.
     """
     _check_loss_type(loss_type)
+    loss_type = canonical_loss_type(loss_type)
     _check_positive("beta", beta)
     _check_positive("discopop_tau", discopop_tau)
     ls = label_smoothing
@@ -287,10 +312,7 @@ def preference_loss(
     elif loss_type == "bco_pair":
         chosen_r = beta * chosen_logratios
         rejected_r = beta * rejected_logratios
-        if bco_delta is None:
-            delta = jax.lax.stop_gradient(jnp.mean(jnp.concatenate([chosen_r, rejected_r])))
-        else:
-            delta = bco_delta
+        delta = 0.0 if bco_delta is None else jax.lax.stop_gradient(bco_delta)
         losses = -jax.nn.log_sigmoid(chosen_r - delta) - jax.nn.log_sigmoid(-(rejected_r - delta))
     elif loss_type == "sppo_hard":
         losses = _saturating_square(cap / 2, chosen_logratios - 0.5 / beta) + _saturating_square(
@@ -304,7 +326,7 @@ def preference_loss(
             - 0.5 * jax.nn.log_sigmoid(-chosen_r)
             - 0.5 * jax.nn.log_sigmoid(-rejected_r)
         )
-    elif loss_type == "aot_pair":
+    elif loss_type == "aot_unpaired":
         delta = jnp.sort(chosen_logratios, axis=0) - jnp.sort(rejected_logratios, axis=0)
         losses = _smoothed_logistic(beta * delta, ls)
     elif loss_type == "aot":
@@ -323,6 +345,8 @@ def preference_loss(
         one_minus_m = jax.nn.sigmoid(-z / discopop_tau)
         exp_times_m = jnp.exp(-z + jax.nn.log_sigmoid(z / discopop_tau))
         losses = -jax.nn.log_sigmoid(z) * one_minus_m + exp_times_m
+    elif loss_type == "sigmoid_norm":
+        losses = -jax.nn.log_sigmoid(z)
     elif loss_type == "kto_pair":
         # clamp(min=0) with torch's subgradient convention (gradient 1 at 0).
         chosen_kl_raw = jnp.mean(chosen_logratios)
@@ -485,6 +509,16 @@ def token_logps(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return picked.astype(jnp.float32) - lse
 
 
+def token_logps_and_sq(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``token_logps`` and, per token, log sum_v p_v^2 = logsumexp(2 logits) - 2 logsumexp(logits)
+    (stop_gradient), both float32 [B, T]: WPO's per-token normaliser (Zhou et al. 2024,
+    arXiv:2406.11827; TRL's ``log_sum_sq_probs``)."""
+    per_token = token_logps(logits, labels)
+    x = jax.lax.stop_gradient(logits).astype(jnp.float32)
+    sq = jax.nn.logsumexp(2.0 * x, axis=-1) - 2.0 * jax.nn.logsumexp(x, axis=-1)
+    return per_token, sq
+
+
 def sequence_logps(
     logits: jax.Array, labels: jax.Array, loss_mask: jax.Array, *, average: bool = False
 ) -> jax.Array:
@@ -554,8 +588,11 @@ def chunked_sequence_logps(
     return total
 
 
-def chunked_token_logps(hidden: jax.Array, head, labels: jax.Array, *, chunk_size: int):
-    """``token_logps(head(hidden), labels)`` [B, T] float32 without all [B, T, V] logits.
+def chunked_token_logps(
+    hidden: jax.Array, head, labels: jax.Array, *, chunk_size: int, with_sq: bool = False
+):
+    """``token_logps(head(hidden), labels)`` [B, T] float32 without all [B, T, V] logits
+    (``with_sq``: ``token_logps_and_sq``'s pair, each [B, T]).
 
     The sequence is cut into ``ceil(T / chunk_size)`` chunks of ``chunk_size`` positions
     (the last one padded); a ``lax.scan`` applies ``head`` to one chunk at a time. The
@@ -590,9 +627,15 @@ def chunked_token_logps(hidden: jax.Array, head, labels: jax.Array, *, chunk_siz
 
     @jax.checkpoint
     def chunk_logps(x_BCD, labels_BC):
+        if with_sq:
+            return token_logps_and_sq(head(x_BCD), labels_BC)
         return token_logps(head(x_BCD), labels_BC)
 
     _, per_chunk = jax.lax.scan(
         lambda carry, c: (carry, chunk_logps(*c)), None, (chunks(hidden), chunks(labels))
-    )  # [n_chunks, B, chunk_size]
-    return jnp.swapaxes(per_chunk, 0, 1).reshape(b, n_chunks * chunk_size)[:, :t]
+    )  # [n_chunks, B, chunk_size] (a pair of them with_sq)
+
+    def unchunk(x):
+        return jnp.swapaxes(x, 0, 1).reshape(b, n_chunks * chunk_size)[:, :t]
+
+    return jax.tree.map(unchunk, per_chunk)

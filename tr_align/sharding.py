@@ -221,7 +221,8 @@ def state_shardings(mesh: Mesh, abstract_state, param_axes=None, rules=DEFAULT_R
 
     ``params`` and ``ref_params`` (when the state holds a reference) get the specs from ``param_axes`` (a model's
     ``PARAM_AXES`` table) and ``rules``; so does every subtree of ``opt_state`` with the
-    params' tree structure and shapes (Adam's mu and nu). Everything else is replicated.
+    params' tree structure and shapes (Adam's mu and nu). Everything else (step, rng, the
+    objective's ``loss_state``) is replicated.
     ``param_axes=None`` replicates the parameters too.
     """
     params = abstract_state.params
@@ -250,6 +251,7 @@ def state_shardings(mesh: Mesh, abstract_state, param_axes=None, rules=DEFAULT_R
         ref_params=None if abstract_state.ref_params is None else param_sh,
         opt_state=opt_sh,
         rng=replicated(mesh),
+        loss_state=jax.tree.map(lambda _: replicated(mesh), abstract_state.loss_state),
     )
 
 

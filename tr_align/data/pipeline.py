@@ -20,7 +20,7 @@ from collections import Counter
 import numpy as np
 
 from tr_align import defaults
-from tr_align.config import UNPAIRED_LOSSES
+from tr_align.config import is_unpaired
 from tr_align.data import batching, formats, sources, synthetic, tokenize
 from tr_align.errors import ConfigError, DataError
 from tr_align.io import pretrained
@@ -87,7 +87,7 @@ def from_config(config, *, vocab_size: int, progress: bool = True):
     unpaired examples for the ``kto`` loss) or real data through ``load``."""
     if config.data.source == "synthetic":
         data = synthetic_data(config.data, vocab_size=vocab_size, seed=config.train.seed)
-        if config.loss.type in UNPAIRED_LOSSES:
+        if is_unpaired(config.loss):
             data = dataclasses.replace(
                 data, train=tokenize.unpair(data.train), eval=tokenize.unpair(data.eval)
             )
@@ -125,6 +125,7 @@ def _tokenize(pairs, tokenizer, cfg, counts: Counter, progress: bool):
         tokenizer,
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
+        truncation_mode=defaults.get_in_block(cfg, "data.truncation_mode"),
         cache_dir=cfg.cache_dir,
         progress=progress,
     )
@@ -157,7 +158,7 @@ def load(config, tokenizer, *, progress: bool = True) -> Data:
     fields = None  # field names apply to the generic formats only
     if cfg.format in ("generic", "kto") and defaults.get(config, "data.fields"):
         fields = dict(cfg.fields)
-    unpaired = config.loss.type in UNPAIRED_LOSSES
+    unpaired = is_unpaired(config.loss)
     counts = {"train": Counter(), "eval": Counter()}
 
     def read(split, which):

@@ -16,9 +16,18 @@ Text (as TRL builds it):
 Truncation (TRL's classic ``DPODataCollatorWithPadding`` rule, applied to chosen and rejected
 together so they keep one shared prompt): when ``len(prompt) + len(longest completion) >
 max_length``, the prompt keeps its last ``max_prompt_length`` tokens; when it is still too long,
-the completions keep their first ``max_length - len(prompt)`` tokens. With
+the completions keep their first ``max_length - len(prompt)`` tokens (TRL's
+``truncation_mode="keep_start"``, ``data.truncation_mode``'s default). With
 ``max_prompt_length = 0`` prompts are never truncated, and a prompt that leaves no room for a
-completion token is a bad row (``prompt_too_long``).
+completion token is a bad row (``prompt_too_long``; TRL drops such rows too).
+
+``truncation_mode="keep_end"`` (TRL's ``sequence[-max_length:]``): after the
+``max_prompt_length`` step, a sequence still over ``max_length`` loses its start — the prompt
+keeps its last ``max_length - len(longest completion)`` tokens, so the longest sequence is
+exactly TRL's; when even that leaves no prompt token, the prompt keeps its last token and the
+completions their last ``max_length - 1`` tokens (nothing is dropped). TRL cuts chosen and
+rejected each on its own, so there the shorter one can keep more of the prompt; here both keep
+one prompt (the shared prefix the ``prefix_shared`` layout computes once).
 
 The result is a ``TokenizedSet``: flat int32 token arrays plus offsets, saved as one ``.npz``
 in a cache keyed by the examples, the tokenizer and the length settings, so a second run (or
@@ -160,11 +169,28 @@ def texts(example: dict, tokenizer) -> tuple[str, list[str]]:
     return prompt_text, out
 
 
-def truncate(prompt, completions, *, max_length: int, max_prompt_length: int):
-    """TRL's classic rule (module docstring). Raises BadRow('prompt_too_long')."""
+def truncate(
+    prompt,
+    completions,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    truncation_mode: str = "keep_start",
+):
+    """TRL's classic rule, then ``truncation_mode`` (module docstring). Raises
+    BadRow('prompt_too_long') (``keep_start`` only)."""
     longest = max(len(c) for c in completions)
     if len(prompt) + longest > max_length and max_prompt_length:
         prompt = prompt[-max_prompt_length:]
+    if truncation_mode == "keep_end":
+        if len(prompt) + longest > max_length:
+            keep = max(max_length - longest, 1)
+            prompt = prompt[-keep:]
+            if keep + longest > max_length:
+                completions = [c[-(max_length - keep) :] for c in completions]
+        return prompt, completions
+    if truncation_mode != "keep_start":
+        raise ValueError(f"truncation_mode must be keep_start or keep_end, got {truncation_mode!r}")
     if len(prompt) >= max_length:
         raise BadRow(
             "prompt_too_long",
@@ -188,6 +214,7 @@ def tokenize(
     *,
     max_length: int,
     max_prompt_length: int,
+    truncation_mode: str = "keep_start",
     progress: bool = True,
 ) -> tuple[TokenizedSet, list[tuple[int, BadRow]], dict]:
     """Tokenizes and truncates ``examples`` (all paired or all unpaired).
@@ -220,7 +247,11 @@ def tokenize(
             cs = [c if c and c[-1] == eos else c + [eos] for c in cs]
             try:
                 p, cs = truncate(
-                    p_ids[i], cs, max_length=max_length, max_prompt_length=max_prompt_length
+                    p_ids[i],
+                    cs,
+                    max_length=max_length,
+                    max_prompt_length=max_prompt_length,
+                    truncation_mode=truncation_mode,
                 )
             except BadRow as e:
                 bad.append((start + i, e))
@@ -282,6 +313,7 @@ def tokenize_cached(
     *,
     max_length: int,
     max_prompt_length: int,
+    truncation_mode: str = "keep_start",
     cache_dir: str = "",
     progress: bool = True,
 ) -> tuple[TokenizedSet, Counter, dict]:
@@ -290,6 +322,8 @@ def tokenize_cached(
     rows that cannot fit are dropped and counted (the caller decides whether that is an error,
     with ``first_bad`` in the stats naming the first one)."""
     settings = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+    if truncation_mode != "keep_start":  # the default keeps the caches made before the option
+        settings["truncation_mode"] = truncation_mode
     cache_dir = cache_dir or default_cache_dir()
     key = cache_key(examples, tokenizer, **settings)
     path = os.path.join(cache_dir, f"{key}.npz")
@@ -303,6 +337,7 @@ def tokenize_cached(
         tokenizer,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
+        truncation_mode=truncation_mode,
         progress=progress,
     )
     counts = Counter(e.reason for _, e in bad)

@@ -135,6 +135,7 @@ def build_program(
         tx=tx,
         ref_dtype=opt("trust_region.ref_dtype"),
         with_reference=objective.needs_reference,
+        loss_state=objective.init_loss_state(),
     )
     rng = jax.ShapeDtypeStruct((2,), np.uint32)
     abstract = jax.eval_shape(make_state, rng, params)

@@ -310,7 +310,7 @@ def run(
 
     tr = config.trust_region
     mode = f"TR alpha={tr.alpha} tau={tr.tau}" if tr.enabled else "frozen reference"
-    if config.loss.type == "sft":
+    if not built.program.objective.needs_reference:  # sft, loss.reference_free
         mode = "no reference"
     if is_main:
         n = count_params(built.abstract_state.params)

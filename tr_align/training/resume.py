@@ -18,7 +18,8 @@ whose value differs (``flat`` dotted names; an absent optional key counts as its
   ``model.dtype`` and the exact batch layouts (``data.packing``, ``data.pack_length``,
   ``data.buckets``); and any key not listed here;
 * ``never`` — refused even when named in ``allow`` (start a new ``--workdir``): the model
-  (``model.*``: shapes, the starting model), ``loss.type``, ``trust_region.ref_dtype``,
+  (``model.*``: shapes, the starting model), ``loss.type``, ``loss.reference_free`` and
+  ``loss.bco_running_mean`` (what the state holds), ``trust_region.ref_dtype``,
   ``train.seed``, ``train.batch_size``, the data (``data.*`` but the keys above: what the
   saved data position indexes), the schedule's shape (``optimizer.schedule``,
   ``optimizer.warmup_steps``), and ``optimizer.max_grad_norm`` turning clipping on or off
@@ -65,6 +66,8 @@ OVERRIDE = ("model.dtype", "data.packing", "data.pack_length", "data.buckets")
 NEVER = (
     "model.",
     "loss.type",
+    "loss.reference_free",  # whether the state holds a reference
+    "loss.bco_running_mean",  # whether the state holds the running mean
     "trust_region.ref_dtype",
     "train.seed",
     "train.batch_size",

@@ -5,7 +5,9 @@
      chosen and rejected, or completion and KL rows, ...),
   2. one reference forward on the same tokens, under ``stop_gradient``, when the
      objective has a reference (SFT has none),
-  3. the objective's loss and its gradient (``tr_align.training.objectives``),
+  3. the objective's loss and its gradient (``tr_align.training.objectives``; an objective
+     with a running state — ``bco_pair``'s running mean — updates ``TrainState.loss_state``
+     once per microbatch, kept on a skipped step),
   4. the optax update of the policy and 5. the reference update
      (``TrainState.apply_gradients``; a ``trust_region.ReferenceUpdate``, or none for a
      frozen reference: vanilla DPO/IPO/KTO).
@@ -73,6 +75,8 @@ class TrainState:
     ref_params: Any  # reference parameters (the SFT model at step 0); None without one
     opt_state: Any
     rng: jax.Array  # uint32[2] PRNG key, split once per step
+    # the objective's running state (objectives.Paired's bco_pair running mean), None without
+    loss_state: Any = None
 
     def apply_gradients(
         self, grads, *, tx, reference_update=None, finite=None
@@ -125,13 +129,15 @@ def init_state(
     tx: optax.GradientTransformation,
     ref_dtype: str | None = None,
     with_reference: bool = True,
+    loss_state=None,
 ) -> TrainState:
     """A fresh state: the reference (``with_reference``) starts as a copy of the policy.
 
     The policy is ``params`` (e.g. a pretrained/SFT model) or, when None, ``init_fn(rng)``.
     The policy and the optimizer state keep the parameters' dtype (float32 master
     weights); the reference is stored in ``ref_dtype`` ("float32" or "bfloat16", None =
-    the policy's dtype), i.e. the initial policy rounded to nearest once.
+    the policy's dtype), i.e. the initial policy rounded to nearest once. ``loss_state``: the
+    objective's initial running state (``objective.init_loss_state()``).
     """
     params_rng, state_rng = jax.random.split(rng)
     if params is None:
@@ -147,6 +153,7 @@ def init_state(
         ref_params=ref_params,
         opt_state=tx.init(params),
         rng=state_rng,
+        loss_state=loss_state,
     )
 
 
@@ -154,16 +161,48 @@ def is_token_layout(batch) -> bool:
     return "seq_ids" in batch
 
 
-def sequence_logps(apply_fn, params, batch, streams, *, average: bool = False, chunk_size: int = 0):
+def _shared_length_weights(mask, seq, tokens, ld_alpha):
+    """LD-DPO's per-token weights [N] for flat completion-token ``mask`` [N] (0/1) and sequence
+    ids ``seq`` [N] (``example * 2 + stream``): 1 for a sequence's first min(|y_c|, |y_r|)
+    completion tokens, ``ld_alpha`` for the rest. A sequence's tokens are contiguous and in
+    order in the flat arrays (each padded row, packed segment or branch holds one sequence),
+    so a token's place in its completion is the running count of completion tokens minus the
+    count before the sequence's first token."""
+    n = tokens.shape[0]
+    shared = jnp.repeat(jnp.min(tokens.reshape(-1, 2), axis=1), 2)  # [n] per sequence
+    is_c = (mask != 0).astype(jnp.int32)
+    count = jnp.cumsum(is_c)
+    big = jnp.iinfo(jnp.int32).max
+    before = jax.ops.segment_min(jnp.where(is_c > 0, count - is_c, big), seq, num_segments=n)
+    place = count - before[seq]  # 1, 2, ... within the sequence's completion
+    return jnp.where(place <= shared[seq], 1.0, ld_alpha).astype(jnp.float32)
+
+
+def sequence_logps(
+    apply_fn,
+    params,
+    batch,
+    streams,
+    *,
+    average: bool = False,
+    chunk_size: int = 0,
+    ld_alpha: float = 1.0,
+    wpo: bool = False,
+):
     """Per-sequence completion log-probs and token counts, one forward over the batch.
 
     ``chunk_size`` > 0: the model returns its final hidden states and the output head is
     applied ``chunk_size`` positions at a time, so the logits are never all materialised.
+    ``ld_alpha`` < 1 (paired streams only): LD-DPO's sums, the first min(|y_c|, |y_r|)
+    completion tokens of a pair weighted 1 and the rest ``ld_alpha`` (TRL's shared/tail
+    split). ``wpo``: also WPO's mean over completion tokens of log p_t - log sum_v p_v^2
+    (``losses.token_logps_and_sq``; stop_gradient).
 
     Returns:
-      (logps [E, S], tokens [E, S]) float32: S = len(streams) sequences per example, summed
-      (``average``: length-averaged) log-probs of their completion tokens, and the number
-      of those tokens.
+      (logps [E, S], tokens [E, S], extras) float32: S = len(streams) sequences per example,
+      summed (``average``: length-averaged; ``ld_alpha``: weighted) log-probs of their
+      completion tokens, and the number of those tokens. ``extras``: ``raw`` (the plain sums,
+      when ``ld_alpha`` < 1) and ``wpo`` [E, S] (when ``wpo``).
     """
     num_streams = len(streams)
     if is_token_layout(batch):
@@ -180,23 +219,51 @@ def sequence_logps(apply_fn, params, batch, streams, *, average: bool = False, c
     mask = (batch["loss_mask"] if is_token_layout(batch) else stack("loss_mask"))[:, 1:]
     labels = ids[:, 1:]
     # Position t predicts token t + 1: feed L - 1 tokens, score tokens 1..L-1.
+    sq = None
     if chunk_size:
         hidden, head = apply_fn(params, ids[:, :-1], **model_in, split_head=True)
-        per_token = losses.chunked_token_logps(hidden, head, labels, chunk_size=chunk_size)
+        if wpo:
+            per_token, sq = losses.chunked_token_logps(
+                hidden, head, labels, chunk_size=chunk_size, with_sq=True
+            )
+        else:
+            per_token = losses.chunked_token_logps(hidden, head, labels, chunk_size=chunk_size)
     else:
-        per_token = losses.token_logps(apply_fn(params, ids[:, :-1], **model_in), labels)
+        logits = apply_fn(params, ids[:, :-1], **model_in)
+        if wpo:
+            per_token, sq = losses.token_logps_and_sq(logits, labels)
+        else:
+            per_token = losses.token_logps(logits, labels)
     mask = mask.astype(jnp.float32)
     per_token = jnp.where(mask != 0, per_token, 0.0) * mask
+    n = ids.shape[0] if not is_token_layout(batch) else batch["examples"].shape[0] * num_streams
     if is_token_layout(batch):
-        n = batch["examples"].shape[0] * num_streams
         seq = batch["seq_ids"][:, 1:].reshape(-1)
-        total = jax.ops.segment_sum(per_token.reshape(-1), seq, num_segments=n)
-        tokens = jax.ops.segment_sum(mask.reshape(-1), seq, num_segments=n)
+    else:  # row r holds sequence r
+        seq = jnp.repeat(jnp.arange(n), mask.shape[1])
+    flat_mask = mask.reshape(-1)
+
+    def per_sequence(x):
+        return jax.ops.segment_sum(x.reshape(-1), seq, num_segments=n)
+
+    if is_token_layout(batch):
+        total, tokens = per_sequence(per_token), per_sequence(mask)
     else:
         total, tokens = per_token.sum(-1), mask.sum(-1)
+    extras = {}
+    if ld_alpha != 1.0:
+        if num_streams != 2:
+            raise ValueError(f"ld_alpha needs paired streams, got {streams}")
+        weights = _shared_length_weights(flat_mask, seq, tokens, ld_alpha)
+        extras["raw"] = total.reshape(-1, num_streams)
+        total = per_sequence(per_token.reshape(-1) * weights)
+    if wpo:
+        aligned = jnp.where(flat_mask != 0, per_token.reshape(-1) - sq.reshape(-1), 0.0)
+        mean = per_sequence(aligned) / jnp.maximum(tokens, 1.0)
+        extras["wpo"] = jax.lax.stop_gradient(mean).reshape(-1, num_streams)
     if average:
         total = total / jnp.maximum(tokens, 1.0)
-    return total.reshape(-1, num_streams), tokens.reshape(-1, num_streams)
+    return total.reshape(-1, num_streams), tokens.reshape(-1, num_streams), extras
 
 
 def microbatches(batch, k: int):
@@ -215,7 +282,7 @@ def unmicrobatch(x):
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def _logps_fn(apply_fn, batch, *, objective, chunk_size, streams=None):
+def _logps_fn(apply_fn, batch, *, objective, chunk_size, streams=None, wpo=False):
     return functools.partial(
         sequence_logps,
         apply_fn,
@@ -223,20 +290,40 @@ def _logps_fn(apply_fn, batch, *, objective, chunk_size, streams=None):
         streams=objective.streams if streams is None else streams,
         average=objective.average_logps,
         chunk_size=chunk_size,
+        ld_alpha=objective.ld_alpha,
+        wpo=wpo,
     )
 
 
-def policy_loss(params, ref_logps, batch, *, objective, apply_fn, chunk_size: int = 0):
+def _policy_logps(params, ref_logps, batch, *, objective, apply_fn, chunk_size, streams=None):
+    """The objective's ``Logps`` of the policy ``params`` (WPO's term when it weights)."""
+    wpo = objective.use_weighting
+    pol, tokens, extras = _logps_fn(
+        apply_fn, batch, objective=objective, chunk_size=chunk_size, streams=streams, wpo=wpo
+    )(params)
+    return objectives_lib.Logps(pol, ref_logps, tokens, **extras)
+
+
+def policy_loss(
+    params, ref_logps, batch, loss_state=None, *, objective, apply_fn, chunk_size: int = 0
+):
     """Step 1 and 3 on one (micro)batch: the objective's loss *sum* of the policy
     ``params`` (differentiate w.r.t. params) and its statistics. ``ref_logps`` [E, S]:
-    the reference's per-sequence log-probs (None without a reference)."""
-    pol, tokens = _logps_fn(apply_fn, batch, objective=objective, chunk_size=chunk_size)(params)
-    stats = objective.loss(objectives_lib.Logps(pol, ref_logps, tokens), batch)
-    return stats["loss"][0], stats
+    the reference's per-sequence log-probs (None without a reference). ``loss_state``: the
+    objective's running state (``TrainState.loss_state``), updated with this batch first.
+
+    Returns:
+      (loss sum, (stats, new loss_state))"""
+    lp = _policy_logps(
+        params, ref_logps, batch, objective=objective, apply_fn=apply_fn, chunk_size=chunk_size
+    )
+    loss_state = objective.update_loss_state(lp, loss_state)
+    stats = objective.loss(lp, batch, loss_state)
+    return stats["loss"][0], (stats, loss_state)
 
 
-def _batch_stats(params, ref_params, batch, *, objective, apply_fn, chunk_size):
-    """Steps 1-3 on one (micro)batch -> (stats, grads of the loss sum)."""
+def _batch_stats(params, ref_params, batch, loss_state, *, objective, apply_fn, chunk_size):
+    """Steps 1-3 on one (micro)batch -> (stats, grads of the loss sum, new loss_state)."""
     ref = None
     if objective.needs_reference:
         logps = _logps_fn(apply_fn, batch, objective=objective, chunk_size=chunk_size)
@@ -244,8 +331,10 @@ def _batch_stats(params, ref_params, batch, *, objective, apply_fn, chunk_size):
     loss_fn = functools.partial(
         policy_loss, objective=objective, apply_fn=apply_fn, chunk_size=chunk_size
     )
-    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, ref, batch)
-    return stats, grads
+    (_, (stats, loss_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, ref, batch, loss_state
+    )
+    return stats, grads, loss_state
 
 
 def train_step(
@@ -275,18 +364,19 @@ def train_step(
         _batch_stats, objective=objective, apply_fn=apply_fn, chunk_size=logps_chunk_size
     )
     if grad_accum_steps == 1:
-        stats, grads = run(state.params, state.ref_params, batch)
+        stats, grads, loss_state = run(state.params, state.ref_params, batch, state.loss_state)
     else:
         micro = microbatches(batch, grad_accum_steps)
         first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(
-            jnp.zeros_like, jax.eval_shape(run, state.params, state.ref_params, first)
-        )
+        shapes = jax.eval_shape(run, state.params, state.ref_params, first, state.loss_state)
+        zeros = jax.tree.map(jnp.zeros_like, shapes[:2])
 
-        def body(acc, mb):
-            return jax.tree.map(jnp.add, acc, run(state.params, state.ref_params, mb)), None
+        def body(carry, mb):
+            acc, loss_state = carry
+            stats, grads, loss_state = run(state.params, state.ref_params, mb, loss_state)
+            return (jax.tree.map(jnp.add, acc, (stats, grads)), loss_state), None
 
-        (stats, grads), _ = jax.lax.scan(body, zeros, micro)
+        ((stats, grads), loss_state), _ = jax.lax.scan(body, (zeros, state.loss_state), micro)
     grads = jax.tree.map(lambda g: g / jnp.maximum(stats["loss"][1], 1e-30), grads)
     metrics = objectives_lib.finalize(stats)
     metrics.update(objective.derived(metrics))
@@ -295,6 +385,12 @@ def train_step(
     new_state, applied = state.apply_gradients(
         grads, tx=tx, reference_update=reference_update, finite=finite
     )
+    if loss_state is not None:  # a skipped step keeps the running loss state too
+        new_state = new_state.replace(
+            loss_state=jax.tree.map(
+                lambda new, old: jnp.where(applied, new, old), loss_state, state.loss_state
+            )
+        )
     metrics["grad_norm"] = grad_norm
     metrics[SKIPPED_METRIC] = jnp.logical_not(applied).astype(jnp.int32)
     metrics["learning_rate"] = schedule(state.step)
@@ -313,17 +409,23 @@ def eval_step(state: TrainState, batch, *, objective, apply_fn, logps_chunk_size
     """Held-out metrics of one batch (weighted means, rows weighted by ``batch['weight']``)
     and the policy's per-example log-probs of the two eval streams (recorded at step 0 as
     the initial policy's, ``init_{chosen,rejected}_logps``)."""
-    logps = _logps_fn(
-        apply_fn,
+    streams = objective.eval_streams
+    ref = None
+    if objective.needs_reference:
+        ref = _logps_fn(
+            apply_fn, batch, objective=objective, chunk_size=logps_chunk_size, streams=streams
+        )(state.ref_params)[0]
+    lp = _policy_logps(
+        state.params,
+        ref,
         batch,
         objective=objective,
+        apply_fn=apply_fn,
         chunk_size=logps_chunk_size,
-        streams=objective.eval_streams,
+        streams=streams,
     )
-    pol, tokens = logps(state.params)
-    ref = logps(state.ref_params)[0] if objective.needs_reference else None
-    metrics = objective.eval_metrics(objectives_lib.Logps(pol, ref, tokens), batch)
-    return metrics, (pol[:, 0], pol[:, 1])
+    metrics = objective.eval_metrics(lp, batch, state.loss_state)
+    return metrics, (lp.policy[:, 0], lp.policy[:, 1])
 
 
 def compile_train_step(
