@@ -39,7 +39,8 @@ Commands:
           tr-align toy --workdir=DIR [--seeds=5] [--steps=500] [--methods=DPO,TR-DPO-soft]
           [--model=mlp|llama] [--lr=1e-4] [--beta=0.1] [--hard_tau=50]
 
-Run ``tr-align COMMAND --help`` for a command's flags.
+Run ``tr-align COMMAND --help`` for a command's flags and, where it reads --config, the config
+keys with their values and meanings.
 """
 
 from __future__ import annotations
@@ -143,10 +144,121 @@ def _exit_on_unknown_override(argv) -> None:
         sys.exit(2)
 
 
+HELP_ARGS = ("--help", "-h", "--helpshort", "-?")
+
+
+class _HelpRequested(Exception):
+    """Raised by ``_run_app`` under ``--help`` once the command's flags are defined;
+    ``main`` prints them (``command_help``)."""
+
+    def __init__(self, command: str, argv):
+        super().__init__(command)
+        self.command, self.argv = command, list(argv)
+
+
+def _usage_section(command: str) -> str:
+    """The paragraph of this module's docstring that describes ``command``."""
+    lines, out = USAGE.splitlines(), []
+    head = command.split()[0]
+    for line in lines:
+        starts = line.startswith("  ") and not line.startswith("   ")
+        if out and (starts or not line.strip()):
+            break
+        if out or (starts and line.split()[0] == head):
+            out.append(line)
+    return "\n".join(out)
+
+
+def _flag_line(name: str, flag) -> list[str]:
+    required = any(
+        "must have a value other than None" in getattr(v, "message", "")
+        for v in getattr(flag, "validators", ())
+    )
+    kind = flag.flag_type()
+    if required:
+        note = "required"
+    elif name == "config":
+        note = "a config file"
+    else:
+        note = f"default: {flag.default_as_str or repr(flag.default)}"
+    if kind.startswith("multi"):
+        note += "; repeatable"
+    text = " ".join((flag.help or "").split())
+    text = text.replace("; repeat this option to specify a list of values", "")
+    return [f"  --{name} ({kind}; {note})", f"      {text}"]
+
+
+def _config_for_help(argv, config_flag):
+    """The config named by ``--config=PATH[:PRESET]`` in ``argv``, else the flag's default
+    (None without one); a file that cannot be loaded gives None."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        value = getattr(config_flag, "default", None)
+        if hasattr(value, "items"):
+            return value
+        spec = _REPO_DEFAULT_CONFIG if os.path.exists(_REPO_DEFAULT_CONFIG) else None
+        if spec is None:
+            return None
+    path, _, preset = spec.partition(":")
+    from tr_align import config as config_lib
+
+    try:
+        return config_lib.load_config_file(path, preset or None)
+    except Exception:  # noqa: BLE001 - the command itself reports an unloadable file
+        return None
+
+
+def _config_flag_file(config_flag) -> str | None:
+    """The file of a config flag's default (before parsing), if it has one."""
+    value = getattr(config_flag, "default", None)
+    if not hasattr(value, "items"):
+        return None
+    try:
+        return config_flag.config_filename
+    except Exception:  # noqa: BLE001 - ml_collections: UnparsedFlagError before parsing
+        return None
+
+
+def command_help(command: str, argv, names) -> str:
+    """``tr-align COMMAND --help``: the command's usage paragraph, its own flags (``names``:
+    the flags it defined, not absl's), and for a command with ``--config`` the config's keys
+    with their values and meanings (``tr_align.defaults.describe_keys``)."""
+    from absl import flags
+
+    from tr_align import defaults
+
+    F = flags.FLAGS
+    own = [n for n in names if F.find_module_defining_flag(n, "").startswith("tr_align")]
+    out = [f"usage: tr-align {command} [flags]", "", _usage_section(command), "", "flags:"]
+    for name in own:
+        out += _flag_line(name, F[name])
+    out.append("  --helpfull: every flag, absl's included")
+    if "config" in own:
+        config = _config_for_help(argv, F["config"])
+        if config is not None:
+            spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+            where = spec or _config_flag_file(F["config"]) or _REPO_DEFAULT_CONFIG
+            where = os.path.relpath(where) if os.path.isabs(where) else where
+            rows = defaults.describe_keys(config)
+            width = min(44, max(len(f"{k} = {v!r}") for k, v, _ in rows))
+            out += ["", f"config keys (--config.KEY=VALUE; values of {where}):"]
+            for k, v, meaning in rows:
+                out.append(f"  {f'{k} = {v!r}':<{width}}  {meaning}".rstrip())
+            out.append(
+                "  (default): the file leaves the key out and this default applies; set it in "
+                "the file (--config.KEY needs the key there)"
+            )
+    return "\n".join(out)
+
+
 def _run_app(argv, command, body) -> None:
     """Runs ``body()`` under absl with quiet logging; a project error ends the command with
-    its one-line message and exit code (``error_report``), whatever the command."""
+    its one-line message and exit code (``error_report``), whatever the command. Under
+    ``--help`` (``HELP_ARGS``) it raises ``_HelpRequested`` instead (``main`` prints it)."""
     from absl import app, logging
+
+    if any(a in HELP_ARGS for a in argv[2:]):
+        raise _HelpRequested(command, argv)
 
     def main(_):
         if not any(a.startswith(("--verbosity", "-v")) for a in argv):
@@ -444,6 +556,8 @@ def _frontier(argv) -> None:
 def _data(argv) -> None:
     from absl import flags
 
+    if len(argv) >= 3 and argv[2] in HELP_ARGS:  # tr-align data --help
+        argv = [argv[0], "data", "inspect", *argv[2:]]
     if len(argv) < 3 or argv[2] != "inspect":
         print("usage: tr-align data inspect --config=CONFIG [--num_examples=3]", file=sys.stderr)
         sys.exit(2)
@@ -643,7 +757,19 @@ def main(argv=None) -> int:
         return 2
     if argv[1] == "plan":
         _plan_environment(argv)
-    COMMANDS[argv[1]](argv)
+    if not any(a in HELP_ARGS for a in argv[2:]):
+        COMMANDS[argv[1]](argv)
+        return 0
+    from absl import flags
+
+    before = set(flags.FLAGS)
+    try:
+        COMMANDS[argv[1]](argv)  # defines its flags, then _run_app raises _HelpRequested
+    except _HelpRequested as h:
+        print(command_help(h.command, h.argv, [n for n in flags.FLAGS if n not in before]))
+    finally:  # the command's flags go again, so a caller's process can ask for another help
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
     return 0
 
 
