@@ -102,10 +102,15 @@ def error_report(e: BaseException) -> tuple[str, int] | None:
     return None
 
 
+def _override_keys(argv) -> list[str]:
+    """The KEYs of the ``--config.KEY=VALUE`` arguments of ``argv``."""
+    return [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+
+
 def _config_override_error(argv) -> str | None:
     """The first ``--config.KEY=...`` of ``argv`` whose KEY the config file lacks, as a
     one-line message (``config.unknown_key``), or None."""
-    overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    overrides = _override_keys(argv)
     if not overrides:
         return None
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
@@ -124,15 +129,31 @@ def _config_override_error(argv) -> str | None:
 
 
 def _parse_flags(argv):
-    """absl's flag parsing, except that an unknown ``--config.KEY`` ends the command with
-    one ``tr-align: config error: ...`` line (exit 2) instead of ml_collections' traceback."""
-    from absl import app
+    """absl's flag parsing, except that a bad flag ends the command with one line (exit 2):
+    ``tr-align: config error: ...`` for an unknown ``--config.KEY`` (instead of
+    ml_collections' traceback) or a ``--config.KEY=VALUE`` of the wrong type, ``tr-align: flag
+    error: ...`` for the others (absl: two lines, exit 1)."""
+    from absl import flags
 
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(_flag_error_line(e), file=sys.stderr)
+        sys.exit(2)
     except (AttributeError, KeyError):
         _exit_on_unknown_override(argv)
         raise
+
+
+def _flag_error_line(e) -> str:
+    """absl's flag error as one ``tr-align: ...`` line."""
+    text = " ".join(str(e).split())
+    if text.startswith("flag --"):  # "flag --config.train.steps=abc: invalid literal ..."
+        text = text[len("flag ") :]
+    label = "config error" if text.startswith("--config") else "flag error"
+    if "must have a value other than None" in text:  # a required flag not given
+        text = text.split("=", 1)[0] + ": required (see --help)"
+    return f"tr-align: {label}: {text}"
 
 
 def _exit_on_unknown_override(argv) -> None:
@@ -309,6 +330,7 @@ def _train(argv, command="train") -> None:
             FLAGS.workdir,
             stop_at_step=FLAGS.stop_at_step,
             allow_config_change=FLAGS.allow_config_change,
+            set_keys=_override_keys(argv),
         )
         if summary.get("signal"):  # stopped by a signal or a preemption, state saved
             sys.exit(errors.EXIT_RESUME)
@@ -744,8 +766,20 @@ COMMANDS = {
 }
 
 
+# Set (unless already set) before transformers / datasets are imported: no "PyTorch was not
+# found" advice (transformers), no "Generating train split" bars (datasets); their errors
+# still show. tr-align's own status lines and bars (tr_align.progress) replace them.
+QUIET_LIBRARIES = {
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
+
+
 def main(argv=None) -> int:
     argv = sys.argv if argv is None else argv
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(f"usage: tr-align COMMAND [flags]\n\n{USAGE}")
         return 0

@@ -193,7 +193,7 @@ def describe_keys(config) -> list[tuple[str, Any, str]]:
     optional keys a training config (one with a ``train`` block) leaves out (their default;
     meaning marked ``(default)``), sorted by key. ``tr-align COMMAND --help`` prints these."""
     present = leaf_keys(config)
-    rows = [(k, _plain(_lookup(config, k.split("."), None)), meaning(k)) for k in present]
+    rows = [(k, plain(_lookup(config, k.split("."), None)), meaning(k)) for k in present]
     if "train" in config:
         rows += [
             (k, d.value, f"{d.meaning} (default)")
@@ -203,7 +203,7 @@ def describe_keys(config) -> list[tuple[str, Any, str]]:
     return sorted(rows)
 
 
-def _plain(value):
+def plain(value):
     """A ConfigDict value as a plain dict (for printing)."""
     return value.to_dict() if hasattr(value, "to_dict") else value
 

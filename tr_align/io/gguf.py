@@ -274,6 +274,28 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader):
     )
 
 
+def read_config(path: str) -> llama.LlamaConfig:
+    """The model config of a GGUF file from its metadata alone (no tensor is read)."""
+    return _open(path)[1]
+
+
+def _open(path: str):
+    """(reader, config) of a GGUF file; ModelNotFoundError / ModelError naming it."""
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"{path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - truncated / garbled: gguf raises many kinds
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(
+            f"{path}: not a readable GGUF file ({type(e).__name__}: {msg}); truncated or corrupt?"
+        ) from None
+    try:
+        return reader, config_from_gguf(reader)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"{path}: {e}") from None
+
+
 def load_gguf(path: str, dtype: str = "float32"):
     """Loads a llama.cpp GGUF file (``general.architecture == "llama"``).
 
@@ -288,19 +310,8 @@ def load_gguf(path: str, dtype: str = "float32"):
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-    if not os.path.isfile(path):
-        raise ModelNotFoundError(f"{path}: no such GGUF file")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - truncated / garbled: gguf raises many kinds
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ModelError(
-            f"{path}: not a readable GGUF file ({type(e).__name__}: {msg}); truncated or corrupt?"
-        ) from None
-    try:
-        config = dataclasses.replace(config_from_gguf(reader), dtype=dtype)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelError(f"{path}: {e}") from None
+    reader, config = _open(path)
+    config = dataclasses.replace(config, dtype=dtype)
     tensors = hf_tensors(reader, config)
     extra = sorted(set(tensors) - set(llama.hf_tensor_names(config)))
     if extra:
