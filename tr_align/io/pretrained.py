@@ -75,7 +75,7 @@ def load_config(model_cfg):
     data can be checked against the model before the slow part of ``load``."""
     source = defaults.get_in_block(model_cfg, "model.pretrained")
     if not source:
-        return load(model_cfg)[0]
+        return LlamaConfig(**{k: v for k, v in model_cfg.items() if k != "pretrained"})
     if is_gguf(source):
         from tr_align.io import gguf
 
