@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import uuid
 
 import numpy as np
 
@@ -64,7 +65,7 @@ def _wandb_run(workdir: str, settings: WandbSettings):
         with open(id_file, encoding="utf-8") as f:
             run_id = f.read().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:12]
         with open(id_file, "w", encoding="utf-8") as f:
             f.write(run_id + "\n")
     return wandb.init(
@@ -74,6 +75,7 @@ def _wandb_run(workdir: str, settings: WandbSettings):
         resume="allow",
         dir=workdir,
         config=settings.config,
+        settings=wandb.Settings(quiet=True),  # the run's link, not wandb's run summary
     )
 
 
