@@ -2,7 +2,10 @@
 
 Every problem is reported as a one-line ``ConfigError`` naming the key, the
 value and what is allowed, e.g.
-``trust_region.alpha=1.5: must be in [0, 1]``.
+``trust_region.alpha=1.5: must be in [0, 1]``. ``warnings(config, total_steps)`` lists the
+valid settings that silently do nothing (a ``trust_region.tau`` longer than the run,
+real-data keys with the synthetic task, ...); the training loop prints them as
+``tr-align: warning: ...`` lines before the model loads.
 """
 
 from __future__ import annotations
