@@ -25,7 +25,14 @@ OWN_FLAGS = {
     "toy": ["--workdir", "--seeds", "--steps", "--methods", "--model", "--lr", "--hard_tau"],
 }
 WITH_CONFIG = ("train", "sft", "data", "eval", "bench", "plan")
-ABSL_FLAGS = ("--alsologtostderr", "--logtostderr", "--verbosity", "--log_dir", "--chex_", "--grain")
+ABSL_FLAGS = (
+    "--alsologtostderr",
+    "--logtostderr",
+    "--verbosity",
+    "--log_dir",
+    "--chex_",
+    "--grain",
+)
 
 
 def _help(capsys, *args):

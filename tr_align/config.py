@@ -19,8 +19,8 @@ from absl import logging
 from tr_align import dtypes, losses, sharding
 from tr_align.data import formats, synthetic
 from tr_align.defaults import DEFAULTS, RECIPE_KEYS
-from tr_align.defaults import plain as defaults_plain
 from tr_align.defaults import get as get_optional
+from tr_align.defaults import plain as defaults_plain
 from tr_align.errors import ConfigError
 from tr_align.io import pretrained
 from tr_align.models import LlamaConfig

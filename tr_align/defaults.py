@@ -196,9 +196,7 @@ def describe_keys(config) -> list[tuple[str, Any, str]]:
     rows = [(k, plain(_lookup(config, k.split("."), None)), meaning(k)) for k in present]
     if "train" in config:
         rows += [
-            (k, d.value, f"{d.meaning} (default)")
-            for k, d in DEFAULTS.items()
-            if k not in present
+            (k, d.value, f"{d.meaning} (default)") for k, d in DEFAULTS.items() if k not in present
         ]
     return sorted(rows)
 
