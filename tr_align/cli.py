@@ -802,8 +802,9 @@ def main(argv=None) -> int:
     except _HelpRequested as h:
         print(command_help(h.command, h.argv, [n for n in flags.FLAGS if n not in before]))
     finally:  # the command's flags go again, so a caller's process can ask for another help
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
+        for name in set(flags.FLAGS) - before:  # (libraries' flags stay: they are imported)
+            if flags.FLAGS.find_module_defining_flag(name, "").startswith("tr_align"):
+                delattr(flags.FLAGS, name)
     return 0
 
 
