@@ -82,6 +82,7 @@ def test_help_of_a_recipe_shows_its_values_and_the_defaults_it_leaves_out(capsys
 def test_help_of_frontier_lists_its_config(capsys):
     code, out = _help(capsys, "frontier", "--help")
     assert code == 0
+    assert "config keys (--config.KEY=VALUE; values of configs/frontier.py):" in out
     assert re.search(r"^  dpo\.steps = 300 +alignment steps per method", out, re.M)
     assert re.search(r"^  base\.loss\.beta = 0\.1 +the loss's beta", out, re.M)
 

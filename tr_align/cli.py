@@ -230,14 +230,10 @@ def _config_for_help(argv, config_flag):
 
 
 def _config_flag_file(config_flag) -> str | None:
-    """The file of a config flag's default (before parsing), if it has one."""
-    value = getattr(config_flag, "default", None)
-    if not hasattr(value, "items"):
+    """The file of a config flag's default (absl's ``default_as_str``: the quoted path)."""
+    if not hasattr(getattr(config_flag, "default", None), "items"):
         return None
-    try:
-        return config_flag.config_filename
-    except Exception:  # noqa: BLE001 - ml_collections: UnparsedFlagError before parsing
-        return None
+    return (config_flag.default_as_str or "").strip("'\"") or None
 
 
 def command_help(command: str, argv, names) -> str:
