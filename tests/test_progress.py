@@ -54,7 +54,7 @@ def shown(monkeypatch):
     return descs, buf
 
 
-def test_eval_shows_the_model_load_and_a_sampling_bar(shown):
+def test_eval_shows_the_model_load_a_sampling_bar_and_the_kl_scoring(shown):
     descs, buf = shown
     source = str(REPO / "tests" / "fixtures" / "hf" / "llama_gqa")
     model = evaluate.load_policy(source)
@@ -62,6 +62,8 @@ def test_eval_shows_the_model_load_and_a_sampling_bar(shown):
     evaluate.sample(model, prompts, max_new_tokens=2, temperature=0.0, batch_size=2)
     assert descs == [f"loading {source}", f"sampling {source}"]
     assert "3/3" in _last_line(buf)  # 5 prompts in batches of 2
+    evaluate.evaluate_model(model, prompts, sft=model, max_new_tokens=2, batch_size=2)
+    assert descs[2:] == [f"sampling {source}", f"KL: scoring 5 completions under {source}"]
 
 
 def test_training_shows_the_pretrained_model_load(tiny_config, monkeypatch, capsys):

@@ -292,8 +292,11 @@ def evaluate_model(
                 f"KL: {model.name} has vocab_size {model.config.vocab_size}, the SFT model "
                 f"{sft.name} {sft.config.vocab_size}; they must share a tokenizer"
             )
-        lp = completion_logps(model.apply_fn, model.params, x_ids, comp_ids, batch_size=batch_size)
-        lq = completion_logps(sft.apply_fn, sft.params, x_ids, comp_ids, batch_size=batch_size)
+        with progress.phase(f"KL: scoring {len(comp_ids)} completions under {sft.name}"):
+            lp = completion_logps(
+                model.apply_fn, model.params, x_ids, comp_ids, batch_size=batch_size
+            )
+            lq = completion_logps(sft.apply_fn, sft.params, x_ids, comp_ids, batch_size=batch_size)
         res["kl"] = {
             **kl_estimate(lp, lq),
             "sft": sft.name,
