@@ -135,6 +135,7 @@ def test_command_help_lists_its_own_flags_and_config_keys():
     assert "\n  data.max_prompt_length = 192 " in out.stdout
 
 
+@pytest.mark.slow
 def test_a_tokenizer_command_prints_no_library_banners(tmp_path):
     # a fresh copy of the HH fixture, so datasets builds (and would report) a new split
     data = tmp_path / "hh.jsonl"

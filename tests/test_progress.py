@@ -54,6 +54,7 @@ def shown(monkeypatch):
     return descs, buf
 
 
+@pytest.mark.slow
 def test_eval_shows_the_model_load_a_sampling_bar_and_the_kl_scoring(shown):
     descs, buf = shown
     source = str(REPO / "tests" / "fixtures" / "hf" / "llama_gqa")

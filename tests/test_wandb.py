@@ -5,6 +5,7 @@ optional ``wandb`` package is not installed (``pip install 'tr_align[wandb]'``).
 import glob
 import json
 import os
+import time
 
 import jax
 import pytest
@@ -51,8 +52,15 @@ def _records(path):
 def _history(run_dir):
     """{step: {key: value}} of the logged history of the (one) offline run in run_dir."""
     (path,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    deadline = time.time() + 120
+    records = _records(path)
+    # wandb's service process may still be writing when finish() returns: wait for the
+    # run's exit record (the last one it writes)
+    while not any(r.HasField("exit") for r in records) and time.time() < deadline:
+        time.sleep(0.5)
+        records = _records(path)
     rows = {}
-    for r in _records(path):
+    for r in records:
         if r.HasField("history"):
             items = {
                 (i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item
