@@ -38,6 +38,8 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9.6"],
         # tr-align frontier: the movie-review corpus (gensim's test data) and the gold reward
         "frontier": ["gensim>=4.3", "vaderSentiment>=3.3"],
+        # logging.wandb=True: metrics to Weights & Biases too (imported only when enabled)
+        "wandb": ["wandb>=0.19"],
         # benchmarks/compare_trl.py's TRL side (benchmarks/trl_runner.py), pinned to the versions
         # the comparison was measured with. CPU torch: pip resolves torch==2.13.0 to a CUDA build
         # on Linux unless given the CPU index, e.g.
@@ -58,6 +60,8 @@ setup(
             "tensorflow-datasets>=4.9.6",
             "gensim>=4.3",
             "vaderSentiment>=3.3",
+            # tests/test_wandb.py (offline); ~20 MB wheel, ~65 MB installed with its deps
+            "wandb>=0.19",
         ],
     },
     entry_points={"console_scripts": ["tr-align=tr_align.cli:main"]},

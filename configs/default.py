@@ -74,8 +74,9 @@ def get_config(preset: str | None = None):
             data_dir="",  # tfds data_dir
             tokenizer="",  # "" = model.pretrained's tokenizer; or an HF dir, .gguf, "smollm2"
             chat_template="",  # "" = the tokenizer's; "hh" = HH raw text; or a Jinja string
-            max_length=1024,  # prompt + completion tokens (TRL's max_length)
-            max_prompt_length=512,  # over-long prompts keep their end; 0 = never truncate
+            # prompt + completion tokens (TRL's max_length); a reference, so that
+            # max_prompt_length follows an override of it
+            max_length=ml_collections.FieldReference(1024),
             # what max_length cuts (TRL's truncation_mode): keep_start = completions keep their
             # start; keep_end = sequences keep their end (the prompt loses its start)
             truncation_mode="keep_start",
@@ -91,6 +92,9 @@ def get_config(preset: str | None = None):
             cache_dir="",  # tokenized-data cache; "" = ~/.cache/tr_align/tokenized
         )
     )
+    # over-long prompts keep their last max_prompt_length tokens (0 = never truncate); unless
+    # set, half of data.max_length (TRL's 512 of 1024), following --config.data.max_length
+    c.data.max_prompt_length = c.data.get_ref("max_length") // 2
 
     c.train = ml_collections.ConfigDict(
         dict(
@@ -158,6 +162,12 @@ def get_config(preset: str | None = None):
     # save or restore that takes longer ends the run (one line, exit 1) instead of hanging.
     c.checkpoint = ml_collections.ConfigDict(
         dict(every_steps=100, max_to_keep=2, async_save=False, timeout_s=1200)
+    )
+
+    # Metric sinks besides metrics.jsonl and TensorBoard (tb/): wandb=True also logs to Weights
+    # & Biases (pip install wandb; WANDB_MODE=offline writes the run under WORKDIR/wandb).
+    c.logging = ml_collections.ConfigDict(
+        dict(wandb=False, wandb_project="tr_align", wandb_name="")
     )
 
     if preset:

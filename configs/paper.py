@@ -18,7 +18,8 @@ Where each value comes from:
   * batch 64 pairs, linear decay after warmup, AdamW without weight decay: not given by TRL's
     index; 64 is the DPO paper's batch size (Rafailov et al. 2023, App. B).
   * SFT: learning rate 2e-5 (TRL SFTConfig's default), one epoch, on the chosen completions.
-  * max_prompt_length 512 (half of max_length, TRL's classic default ratio).
+  * max_prompt_length 512: half of max_length (TRL's classic default ratio), configs/default.py's
+    rule, so it follows an override of data.max_length.
 Nothing here was tuned by us; none of these recipes has been run at full scale by this
 project yet (no accelerator was available while writing them).
 """
@@ -79,7 +80,7 @@ def recipe(model: str, dataset: str, preset: str | None):
     c.model.dtype = "bfloat16"  # compute dtype; master weights and Adam state stay float32
 
     c.data.update(DATASETS[dataset])
-    c.data.update(dict(max_length=1024, max_prompt_length=512, group_by_length=True))
+    c.data.update(dict(max_length=1024, group_by_length=True))  # max_prompt_length: 512
     if model.startswith("pythia"):
         c.data.chat_template = "hh"  # Pythia has no chat template: HH's raw text format
 

@@ -21,8 +21,8 @@ TINY = [
 ]
 
 
-def _cli(*args, timeout=300):
-    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # one CPU device
+def _cli(*args, timeout=300, env=None):
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "tr_align", *args],
         cwd=REPO,
@@ -122,3 +122,35 @@ def test_every_command_maps_project_errors_to_one_line(tmp_path):
     out = _cli("eval", f"--policy={tmp_path / 'nope'}", f"--out={tmp_path / 'out'}")
     assert out.returncode == 2 and out.stderr.strip().startswith("tr-align: ")
     assert "not a model" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_command_help_lists_its_own_flags_and_config_keys():
+    out = _cli("train", "--config=configs/hh_tiny.py", "--help")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage: tr-align train [flags]")
+    for flag in ("--workdir", "--config", "--stop_at_step", "--allow_config_change"):
+        assert f"\n  {flag} (" in out.stdout
+    assert "--alsologtostderr" not in out.stdout and "--chex_n_cpu_devices" not in out.stdout
+    assert "\n  data.format = 'hh' " in out.stdout  # configs/hh_tiny.py's values
+    assert "\n  data.max_prompt_length = 192 " in out.stdout
+
+
+@pytest.mark.slow
+def test_a_tokenizer_command_prints_no_library_banners(tmp_path):
+    # a fresh copy of the HH fixture, so datasets builds (and would report) a new split
+    data = tmp_path / "hh.jsonl"
+    data.write_bytes((REPO / "tests" / "fixtures" / "data" / "hh.jsonl").read_bytes())
+    out = _cli(
+        "data",
+        "inspect",
+        "--config=configs/hh_tiny.py",
+        f"--config.data.path={data}",
+        f"--config.data.cache_dir={tmp_path / 'tokenized'}",
+        "--num_examples=1",
+        env={"HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert "6 train / 2 eval examples from 8 records" in out.stdout  # 8 rows, 0.25 held out
+    for banner in ("PyTorch was not found", "[transformers]", "Generating train split"):
+        assert banner not in text, (banner, text[-2000:])

@@ -307,6 +307,8 @@ def test_cli_config_errors_are_one_line_before_any_output(tmp_path):
         assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line
         assert out.stderr.startswith(want) and out.stdout == ""
         assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "key,value,pattern",
     [

@@ -44,7 +44,8 @@ Commands:
           tr-align toy --workdir=DIR [--seeds=5] [--steps=500] [--methods=DPO,TR-DPO-soft]
           [--model=mlp|llama] [--lr=1e-4] [--beta=0.1] [--hard_tau=50]
 
-Run ``tr-align COMMAND --help`` for a command's flags.
+Run ``tr-align COMMAND --help`` for a command's flags and, where it reads --config, the config
+keys with their values and meanings.
 """
 
 from __future__ import annotations
@@ -106,10 +107,15 @@ def error_report(e: BaseException) -> tuple[str, int] | None:
     return None
 
 
+def _override_keys(argv) -> list[str]:
+    """The KEYs of the ``--config.KEY=VALUE`` arguments of ``argv``."""
+    return [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+
+
 def _config_override_error(argv) -> str | None:
     """The first ``--config.KEY=...`` of ``argv`` whose KEY the config file lacks, as a
     one-line message (``config.unknown_key``), or None."""
-    overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    overrides = _override_keys(argv)
     if not overrides:
         return None
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
@@ -128,15 +134,31 @@ def _config_override_error(argv) -> str | None:
 
 
 def _parse_flags(argv):
-    """absl's flag parsing, except that an unknown ``--config.KEY`` ends the command with
-    one ``tr-align: config error: ...`` line (exit 2) instead of ml_collections' traceback."""
-    from absl import app
+    """absl's flag parsing, except that a bad flag ends the command with one line (exit 2):
+    ``tr-align: config error: ...`` for an unknown ``--config.KEY`` (instead of
+    ml_collections' traceback) or a ``--config.KEY=VALUE`` of the wrong type, ``tr-align: flag
+    error: ...`` for the others (absl: two lines, exit 1)."""
+    from absl import flags
 
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(_flag_error_line(e), file=sys.stderr)
+        sys.exit(2)
     except (AttributeError, KeyError):
         _exit_on_unknown_override(argv)
         raise
+
+
+def _flag_error_line(e) -> str:
+    """absl's flag error as one ``tr-align: ...`` line."""
+    text = " ".join(str(e).split())
+    if text.startswith("flag --"):  # "flag --config.train.steps=abc: invalid literal ..."
+        text = text[len("flag ") :]
+    label = "config error" if text.startswith("--config") else "flag error"
+    if "must have a value other than None" in text:  # a required flag not given
+        text = text.split("=", 1)[0] + ": required (see --help)"
+    return f"tr-align: {label}: {text}"
 
 
 def _exit_on_unknown_override(argv) -> None:
@@ -148,10 +170,117 @@ def _exit_on_unknown_override(argv) -> None:
         sys.exit(2)
 
 
+HELP_ARGS = ("--help", "-h", "--helpshort", "-?")
+
+
+class _HelpRequested(Exception):
+    """Raised by ``_run_app`` under ``--help`` once the command's flags are defined;
+    ``main`` prints them (``command_help``)."""
+
+    def __init__(self, command: str, argv):
+        super().__init__(command)
+        self.command, self.argv = command, list(argv)
+
+
+def _usage_section(command: str) -> str:
+    """The paragraph of this module's docstring that describes ``command``."""
+    lines, out = USAGE.splitlines(), []
+    head = command.split()[0]
+    for line in lines:
+        starts = line.startswith("  ") and not line.startswith("   ")
+        if out and (starts or not line.strip()):
+            break
+        if out or (starts and line.split()[0] == head):
+            out.append(line)
+    return "\n".join(out)
+
+
+def _flag_line(name: str, flag) -> list[str]:
+    required = any(
+        "must have a value other than None" in getattr(v, "message", "")
+        for v in getattr(flag, "validators", ())
+    )
+    kind = flag.flag_type()
+    if required:
+        note = "required"
+    elif name == "config":
+        note = "a config file"
+    else:
+        note = f"default: {flag.default_as_str or repr(flag.default)}"
+    if kind.startswith("multi"):
+        note += "; repeatable"
+    text = " ".join((flag.help or "").split())
+    text = text.replace("; repeat this option to specify a list of values", "")
+    return [f"  --{name} ({kind}; {note})", f"      {text}"]
+
+
+def _config_for_help(argv, config_flag):
+    """The config named by ``--config=PATH[:PRESET]`` in ``argv``, else the flag's default
+    (None without one); a file that cannot be loaded gives None."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        value = getattr(config_flag, "default", None)
+        if hasattr(value, "items"):
+            return value
+        spec = _REPO_DEFAULT_CONFIG if os.path.exists(_REPO_DEFAULT_CONFIG) else None
+        if spec is None:
+            return None
+    path, _, preset = spec.partition(":")
+    from tr_align import config as config_lib
+
+    try:
+        return config_lib.load_config_file(path, preset or None)
+    except Exception:  # noqa: BLE001 - the command itself reports an unloadable file
+        return None
+
+
+def _config_flag_file(config_flag) -> str | None:
+    """The file of a config flag's default (absl's ``default_as_str``: the quoted path)."""
+    if not hasattr(getattr(config_flag, "default", None), "items"):
+        return None
+    return (config_flag.default_as_str or "").strip("'\"") or None
+
+
+def command_help(command: str, argv, names) -> str:
+    """``tr-align COMMAND --help``: the command's usage paragraph, its own flags (``names``:
+    the flags it defined, not absl's), and for a command with ``--config`` the config's keys
+    with their values and meanings (``tr_align.defaults.describe_keys``)."""
+    from absl import flags
+
+    from tr_align import defaults
+
+    F = flags.FLAGS
+    own = [n for n in names if F.find_module_defining_flag(n, "").startswith("tr_align")]
+    out = [f"usage: tr-align {command} [flags]", "", _usage_section(command), "", "flags:"]
+    for name in own:
+        out += _flag_line(name, F[name])
+    out.append("  --helpfull: every flag, absl's included")
+    if "config" in own:
+        config = _config_for_help(argv, F["config"])
+        if config is not None:
+            spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+            where = spec or _config_flag_file(F["config"]) or _REPO_DEFAULT_CONFIG
+            where = os.path.relpath(where) if os.path.isabs(where) else where
+            rows = defaults.describe_keys(config)
+            width = min(44, max(len(f"{k} = {v!r}") for k, v, _ in rows))
+            out += ["", f"config keys (--config.KEY=VALUE; values of {where}):"]
+            for k, v, meaning in rows:
+                out.append(f"  {f'{k} = {v!r}':<{width}}  {meaning}".rstrip())
+            out.append(
+                "  (default): the file leaves the key out and this default applies; set it in "
+                "the file (--config.KEY needs the key there)"
+            )
+    return "\n".join(out)
+
+
 def _run_app(argv, command, body) -> None:
     """Runs ``body()`` under absl with quiet logging; a project error ends the command with
-    its one-line message and exit code (``error_report``), whatever the command."""
+    its one-line message and exit code (``error_report``), whatever the command. Under
+    ``--help`` (``HELP_ARGS``) it raises ``_HelpRequested`` instead (``main`` prints it)."""
     from absl import app, logging
+
+    if any(a in HELP_ARGS for a in argv[2:]):
+        raise _HelpRequested(command, argv)
 
     def main(_):
         if not any(a.startswith(("--verbosity", "-v")) for a in argv):
@@ -202,6 +331,7 @@ def _train(argv, command="train") -> None:
             FLAGS.workdir,
             stop_at_step=FLAGS.stop_at_step,
             allow_config_change=FLAGS.allow_config_change,
+            set_keys=_override_keys(argv),
         )
         if summary.get("signal"):  # stopped by a signal or a preemption, state saved
             sys.exit(errors.EXIT_RESUME)
@@ -474,6 +604,8 @@ def _frontier(argv) -> None:
 def _data(argv) -> None:
     from absl import flags
 
+    if len(argv) >= 3 and argv[2] in HELP_ARGS:  # tr-align data --help
+        argv = [argv[0], "data", "inspect", *argv[2:]]
     if len(argv) < 3 or argv[2] != "inspect":
         print("usage: tr-align data inspect --config=CONFIG [--num_examples=3]", file=sys.stderr)
         sys.exit(2)
@@ -663,8 +795,20 @@ COMMANDS = {
 }
 
 
+# Set (unless already set) before transformers / datasets are imported: no "PyTorch was not
+# found" advice (transformers), no "Generating train split" bars (datasets); their errors
+# still show. tr-align's own status lines and bars (tr_align.progress) replace them.
+QUIET_LIBRARIES = {
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
+
+
 def main(argv=None) -> int:
     argv = sys.argv if argv is None else argv
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(f"usage: tr-align COMMAND [flags]\n\n{USAGE}")
         return 0
@@ -676,7 +820,20 @@ def main(argv=None) -> int:
         return 2
     if argv[1] == "plan":
         _plan_environment(argv)
-    COMMANDS[argv[1]](argv)
+    if not any(a in HELP_ARGS for a in argv[2:]):
+        COMMANDS[argv[1]](argv)
+        return 0
+    from absl import flags
+
+    before = set(flags.FLAGS)
+    try:
+        COMMANDS[argv[1]](argv)  # defines its flags, then _run_app raises _HelpRequested
+    except _HelpRequested as h:
+        print(command_help(h.command, h.argv, [n for n in flags.FLAGS if n not in before]))
+    finally:  # the command's flags go again, so a caller's process can ask for another help
+        for name in set(flags.FLAGS) - before:  # (libraries' flags stay: they are imported)
+            if flags.FLAGS.find_module_defining_flag(name, "").startswith("tr_align"):
+                delattr(flags.FLAGS, name)
     return 0
 
 

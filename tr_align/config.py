@@ -2,7 +2,10 @@
 
 Every problem is reported as a one-line ``ConfigError`` naming the key, the
 value and what is allowed, e.g.
-``trust_region.alpha=1.5: must be in [0, 1]``.
+``trust_region.alpha=1.5: must be in [0, 1]``. ``warnings(config, total_steps)`` lists the
+valid settings that silently do nothing (a ``trust_region.tau`` longer than the run,
+real-data keys with the synthetic task, ...); the training loop prints them as
+``tr-align: warning: ...`` lines before the model loads.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ from absl import logging
 
 from tr_align import dtypes, losses, sharding
 from tr_align.data import formats, synthetic
-from tr_align.defaults import DEFAULTS
+from tr_align.defaults import DEFAULTS, RECIPE_KEYS
 from tr_align.defaults import get as get_optional
+from tr_align.defaults import plain as defaults_plain
 from tr_align.errors import ConfigError
 from tr_align.io import pretrained
 from tr_align.models import LlamaConfig
 from tr_align.models.common import REMAT_POLICIES
-from tr_align.training import optim
+from tr_align.training import metrics, optim
 
 # Optional keys and what their absence means: tr_align.defaults.DEFAULTS (one table; read with
 # ``get_optional(config, key)``). This view holds the default values only.
@@ -125,6 +129,11 @@ def unknown_key(config, key: str) -> str | None:
             hint = f"{'.'.join(done) or 'the config'} has: {', '.join(choices)}"
         if key in DEFAULTS:
             hint = f"an optional key this recipe leaves out; set it in the config file ({hint})"
+        elif key in RECIPE_KEYS:
+            hint = (
+                "this recipe leaves it out (configs/default.py has it); add it to the config "
+                f"file, or start from configs/default.py ({hint})"
+            )
         return f"{key}: unknown key; {hint}"
     return None
 
@@ -175,6 +184,13 @@ def validate(config, num_devices: int) -> None:
         t.seed,
         "must be an integer in [0, 2**32)",
     )
+    v = get_optional(config, "logging.wandb")
+    _check(isinstance(v, bool), "logging.wandb", v, "must be True or False")
+    for key in ("logging.wandb_project", "logging.wandb_name"):
+        name = get_optional(config, key)
+        _check(isinstance(name, str), key, name, "must be a string")
+    if v:
+        metrics.check_wandb()  # MissingDependencyError (one line) before anything runs
     v = get_optional(config, "checkpoint.async_save")
     _check(isinstance(v, bool), "checkpoint.async_save", v, "must be True or False")
     v = get_optional(config, "checkpoint.timeout_s")
@@ -423,6 +439,13 @@ def _validate_synthetic(config) -> None:
         "must be an integer >= 2 (the rejected response differs in 1 .. response_len // 2 "
         "positions)",
     )
+    batch = config.train.batch_size
+    _check(
+        d.num_train >= batch,
+        "train.batch_size",
+        batch,
+        f"is more than the data.num_train={d.num_train} training examples (fewer than one batch)",
+    )
     vocab = config.model.get("vocab_size") if not get_optional(config, "model.pretrained") else None
     if _is_int(vocab) and vocab >= synthetic.FIRST_CONTENT + synthetic.MIN_CONTENT_TOKENS:
         prompts = synthetic.num_prompts(
@@ -557,6 +580,14 @@ def _validate_data(config) -> None:
     d = config.data
     _check(d.source in DATA_SOURCES, "data.source", d.source, f"must be one of {DATA_SOURCES}")
     if d.source == "synthetic":
+        path = d.get("path", "")
+        _check(
+            not path,
+            "data.path",
+            path,
+            "is set, but data.source='synthetic' trains on the built-in task and ignores it; set "
+            "data.source=files (or hub, tfds) to train on it",
+        )
         _validate_synthetic(config)
         return
     for key in ("path", "format", "split", "max_length", "max_prompt_length", "on_bad_row"):
@@ -617,3 +648,84 @@ def _validate_data(config) -> None:
             config.loss.type,
             f"data.format={d.format!r} is unpaired: use loss.type='kto'",
         )
+
+
+# data.* keys that only real data (data.source != 'synthetic') reads: set with the synthetic
+# task they do nothing (``warnings``). The DEFAULTS ones are flagged when they differ from
+# their default, the others when the caller says they were set (``set_keys``).
+REAL_DATA_KEYS = (
+    "data.path",
+    "data.format",
+    "data.split",
+    "data.max_length",
+    "data.max_prompt_length",
+    "data.on_bad_row",
+    "data.cache_dir",
+    "data.fields",
+    "data.tokenizer",
+    "data.chat_template",
+    "data.data_dir",
+    "data.eval_split",
+    "data.eval_fraction",
+    "data.buckets",
+)
+# A peak learning rate at or above this with model.pretrained is a from-scratch one
+# (configs/default.py's 1e-3); fine-tuning uses ~1e-7 .. 1e-5 (TRL's DPO default: 1e-6).
+PRETRAINED_LEARNING_RATE = 1e-4
+
+
+def warnings(config, total_steps: int, set_keys=()) -> list[str]:
+    """One-line warnings (without the ``tr-align: warning:`` prefix) for settings of a valid
+    ``config`` that silently do nothing or look like a mistake, for a run of ``total_steps``
+    optimizer steps. ``set_keys``: dotted keys the user set explicitly (the CLI's
+    ``--config.KEY`` overrides), so that a real-data key set with the synthetic task is
+    flagged even when the recipe holds it."""
+    out = []
+    tr = config.trust_region
+    if tr.enabled and config.loss.type not in SFT_LOSSES and tr.tau > total_steps:
+        out.append(
+            f"trust_region.tau={tr.tau} is more than the run's {total_steps} steps: the reference "
+            "is never updated (a frozen-reference run); lower trust_region.tau"
+        )
+    source = get_optional(config, "model.pretrained")
+    lr = config.optimizer.learning_rate
+    if source and lr >= PRETRAINED_LEARNING_RATE:
+        out.append(
+            f"optimizer.learning_rate={lr:g} with model.pretrained={source!r}: a from-scratch "
+            "learning rate; fine-tuning a pretrained model usually takes 1e-7 .. 1e-5 "
+            "(TRL's DPO default: 1e-6)"
+        )
+    t = config.train
+    if t.eval_every_steps > total_steps:
+        out.append(
+            f"train.eval_every_steps={t.eval_every_steps} is more than the run's {total_steps} "
+            "steps: held-out metrics only at step 0 and at the end"
+        )
+    if t.log_every_steps > total_steps:
+        out.append(
+            f"train.log_every_steps={t.log_every_steps} is more than the run's {total_steps} "
+            "steps: train metrics only at the last step"
+        )
+    if config.data.source == "synthetic":
+        unused = []
+        for key in REAL_DATA_KEYS:
+            name = key.split(".")[1]
+            if name not in config.data:
+                continue
+            value = config.data[name]
+            changed = (
+                key in DEFAULTS and key not in _RECIPE_DIFFERS and value != DEFAULTS[key].value
+            )
+            if key in set_keys or changed:
+                unused.append(f"{key}={defaults_plain(value)!r}")
+        if unused:
+            out.append(
+                f"{', '.join(unused)}: real-data settings; data.source='synthetic' ignores them "
+                "(set data.source=files, hub or tfds to use them)"
+            )
+    return out
+
+
+# DEFAULTS keys whose configs/default.py value differs from the table's (the default for a
+# recipe that leaves them out): only an explicit setting of them is flagged.
+_RECIPE_DIFFERS = ("data.fields", "data.eval_fraction")

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tr_align import hf
+from tr_align import hf, progress
 from tr_align.errors import ConfigError
 from tr_align.io import pretrained
 
@@ -227,9 +227,10 @@ def complete(
     encodes each prompt (as a user turn with the chat template when ``chat``), generates
     with ``sampling`` (and ``overrides``, as in ``generate``), and decodes the new tokens up
     to EOS."""
-    config, _, _, params = pretrained.load({"pretrained": source, "dtype": "float32"})
+    with progress.phase(f"loading {source}"):
+        config, _, _, params = pretrained.load({"pretrained": source, "dtype": "float32"})
+        tokenizer = pretrained.load_tokenizer(source)
     decode_fn, init_cache = hf.decode_fns(config)
-    tokenizer = pretrained.load_tokenizer(source)
     if chat:
         ids = [
             tokenizer.apply_chat_template(
@@ -241,14 +242,15 @@ def complete(
     else:
         ids = [tokenizer.encode(p) for p in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tokens, lengths = generate(
-        decode_fn,
-        init_cache,
-        params,
-        ids,
-        sampling,
-        eos_id=tokenizer.eos_token_id,
-        pad_id=pad_id,
-        **overrides,
-    )
+    with progress.phase(f"generating {len(ids)} completion(s)"):
+        tokens, lengths = generate(
+            decode_fn,
+            init_cache,
+            params,
+            ids,
+            sampling,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=pad_id,
+            **overrides,
+        )
     return [tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(tokens, lengths)]

@@ -203,6 +203,14 @@ def load(config, tokenizer, *, progress: bool = True) -> Data:
     evals, _ = _tokenize(eval_pairs, tokenizer, cfg, counts["eval"], progress)
     if len(train) == 0 or len(evals) == 0:
         raise DataError(f"{cfg.path}: no rows fit data.max_length={cfg.max_length}")
+    if len(train) < config.train.batch_size:
+        held = f"{len(evals)} held out" + ("" if cfg.eval_split else " (data.eval_fraction)")
+        skipped = sum(sum(c.values()) for c in counts.values())
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size}: more than the {len(train)} training "
+            f"examples of {cfg.path} ({n_read} rows read, {held}, {skipped} bad or too long "
+            "skipped); lower train.batch_size or give more data"
+        )
     buckets = (
         tuple(sorted(cfg.buckets)) if cfg.buckets else batching.default_buckets(cfg.max_length)
     )

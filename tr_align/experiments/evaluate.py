@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tr_align import defaults, generate
+from tr_align import defaults, generate, progress
 from tr_align.errors import ConfigError, DataError
 from tr_align.experiments import scorers as scorers_lib
 from tr_align.experiments.policy import Model, completion_logps, completion_text, load_policy
@@ -143,8 +143,7 @@ def read_completions(path: str) -> list[str]:
 def config_prompts(config) -> tuple[list[Prompt], Any]:
     """The held-out prompts of a training config's data (exactly the run's eval split),
     and the tokenizer (None for the synthetic task)."""
-    model_config, _, _, _ = pretrained.load(config.model)
-    data = loop.load_data(config, model_config, progress=False)
+    data = loop.load_data(config, pretrained.load_config(config.model), progress=False)
     tokenizer = None
     if config.data.source != "synthetic":
         tokenizer = pretrained.load_tokenizer(
@@ -201,7 +200,8 @@ def sample(
     rows = [list(p.ids) for p in prompts for _ in range(samples_per_prompt)]
     width = -(-max(len(r) for r in rows) // 8) * 8
     out = []
-    for i, start in enumerate(range(0, len(rows), batch_size)):
+    starts = range(0, len(rows), batch_size)
+    for i, start in enumerate(progress.bar(starts, f"sampling {model.name}", total=len(starts))):
         chunk = rows[start : start + batch_size]
         real = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - real)
@@ -292,8 +292,11 @@ def evaluate_model(
                 f"KL: {model.name} has vocab_size {model.config.vocab_size}, the SFT model "
                 f"{sft.name} {sft.config.vocab_size}; they must share a tokenizer"
             )
-        lp = completion_logps(model.apply_fn, model.params, x_ids, comp_ids, batch_size=batch_size)
-        lq = completion_logps(sft.apply_fn, sft.params, x_ids, comp_ids, batch_size=batch_size)
+        with progress.phase(f"KL: scoring {len(comp_ids)} completions under {sft.name}"):
+            lp = completion_logps(
+                model.apply_fn, model.params, x_ids, comp_ids, batch_size=batch_size
+            )
+            lq = completion_logps(sft.apply_fn, sft.params, x_ids, comp_ids, batch_size=batch_size)
         res["kl"] = {
             **kl_estimate(lp, lq),
             "sft": sft.name,

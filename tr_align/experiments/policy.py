@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tr_align import hf, losses
+from tr_align import hf, losses, progress
 from tr_align.errors import ModelNotFoundError
 from tr_align.io import pretrained
 from tr_align.io.rundir import RunDir, is_run_dir
@@ -88,7 +88,8 @@ def load_policy(source: str, *, step: int | None = None, which: str = "policy") 
     if is_run_dir(source):
         run = RunDir(source)
         config = run.model_config()
-        params, step = restore_run_params(source, step=step, which=which)
+        with progress.phase(f"loading {source}"):
+            params, step = restore_run_params(source, step=step, which=which)
         start, tok_source = run.starting_model(), run.tokenizer_source()
         tokenizer = _tokenizer_or_none(tok_source) if tok_source else None
         name = f"{source}@{step}"
@@ -98,8 +99,9 @@ def load_policy(source: str, *, step: int | None = None, which: str = "policy") 
                 f"{source!r}: not a model (expected a Hugging Face model directory, a .gguf "
                 f"file, 'smollm2' or a tr-align run directory)"
             )
-        config, _, _, params = pretrained.load({"pretrained": source, "dtype": "float32"})
-        tokenizer, start, name = _tokenizer_or_none(source), "", source
+        with progress.phase(f"loading {source}"):
+            config, _, _, params = pretrained.load({"pretrained": source, "dtype": "float32"})
+            tokenizer, start, name = _tokenizer_or_none(source), "", source
     apply_fn, decode_fn, init_cache = model_fns(config)
     return Model(name, config, params, apply_fn, decode_fn, init_cache, tokenizer, start, step)
 

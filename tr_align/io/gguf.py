@@ -26,6 +26,7 @@ anything else, and any tensor the mapping does not consume, is an error naming i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 
@@ -204,7 +205,21 @@ def hf_tensors(reader: gguf.GGUFReader, config: llama.LlamaConfig) -> dict:
 
 def load_tokenizer(path: str):
     """The tokenizer of a GGUF file (see ``tokenizer_from_gguf``), without loading weights."""
-    return tokenizer_from_gguf(gguf.GGUFReader(path))
+    return tokenizer_from_gguf(open_reader(path))
+
+
+def open_reader(path: str) -> gguf.GGUFReader:
+    """``gguf.GGUFReader(path)``, the last file's kept: parsing the metadata of SmolLM2's
+    49k-token vocabulary takes seconds, and a run reads it for the tokenizer, the model
+    config (checked before the weights) and the weights."""
+    st = os.stat(path)
+    return _cached_reader(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_reader(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
+    del mtime_ns, size  # the cache key: a rewritten file is read again
+    return gguf.GGUFReader(path)
 
 
 def tokenizer_from_gguf(reader: gguf.GGUFReader):
@@ -274,6 +289,28 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader):
     )
 
 
+def read_config(path: str) -> llama.LlamaConfig:
+    """The model config of a GGUF file from its metadata alone (no tensor is read)."""
+    return _open(path)[1]
+
+
+def _open(path: str):
+    """(reader, config) of a GGUF file; ModelNotFoundError / ModelError naming it."""
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"{path}: no such GGUF file")
+    try:
+        file = open_reader(path)
+    except Exception as e:  # noqa: BLE001 - truncated / garbled: gguf raises many kinds
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(
+            f"{path}: not a readable GGUF file ({type(e).__name__}: {msg}); truncated or corrupt?"
+        ) from None
+    try:
+        return file, config_from_gguf(file)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"{path}: {e}") from None
+
+
 def load_gguf(path: str, dtype: str = "float32"):
     """Loads a llama.cpp GGUF file (``general.architecture == "llama"``).
 
@@ -288,19 +325,8 @@ def load_gguf(path: str, dtype: str = "float32"):
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-    if not os.path.isfile(path):
-        raise ModelNotFoundError(f"{path}: no such GGUF file")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - truncated / garbled: gguf raises many kinds
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ModelError(
-            f"{path}: not a readable GGUF file ({type(e).__name__}: {msg}); truncated or corrupt?"
-        ) from None
-    try:
-        config = dataclasses.replace(config_from_gguf(reader), dtype=dtype)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelError(f"{path}: {e}") from None
+    reader, config = _open(path)
+    config = dataclasses.replace(config, dtype=dtype)
     tensors = hf_tensors(reader, config)
     extra = sorted(set(tensors) - set(llama.hf_tensor_names(config)))
     if extra:

@@ -69,6 +69,27 @@ def resolve(source: str) -> str:
         ) from None
 
 
+def load_config(model_cfg):
+    """The model config ``load`` returns, from the config files alone (a GGUF's metadata, a
+    Hugging Face ``config.json``; a hub id is fetched first): no weight is read, so the
+    data can be checked against the model before the slow part of ``load``."""
+    source = defaults.get_in_block(model_cfg, "model.pretrained")
+    if not source:
+        return LlamaConfig(**{k: v for k, v in model_cfg.items() if k != "pretrained"})
+    if is_gguf(source):
+        from tr_align.io import gguf
+
+        config = gguf.read_config(gguf.smollm2_gguf_path() if source == "smollm2" else source)
+    else:
+        path = resolve(source)
+        config = hf.config_from_hf(hf.read_config(path), os.path.join(path, "config.json"))
+    return dataclasses.replace(
+        config,
+        dtype=defaults.get_in_block(model_cfg, "model.dtype"),
+        remat=defaults.get_in_block(model_cfg, "model.remat"),
+    )
+
+
 def load(model_cfg, param_shardings=None):
     """Returns (model_config, init_fn, apply_fn, params): params is None from scratch.
 

@@ -8,6 +8,7 @@
       data.json            the data report (sizes, bad rows, lengths, padding)
       metrics.jsonl        one JSON record per logged step (tr_align.training.metrics)
       tb/                  TensorBoard events (tr_align.training.metrics)
+      wandb/, wandb_id     logging.wandb=True: the W&B run's files and id (metrics.py)
       summary.json         step, total_steps, wall time, last train / eval metrics (at the end)
       summary.png          the metrics plotted (tr_align.training.plotting)
       checkpoints/STEP/    orbax checkpoints of the train state (tr_align.training.checkpoint)

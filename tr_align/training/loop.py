@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 
 from tr_align import config as config_lib
 from tr_align import defaults, hf, sharding
+from tr_align import progress as progress_lib
 from tr_align.data import batching, loader, packing, pipeline
 from tr_align.io import pretrained
 from tr_align.io.rundir import SUMMARY_PLOT, RunDir
 from tr_align.models import count_params
 from tr_align.training import build as build_lib
 from tr_align.training import checkpoint, interrupt, numerics, plotting, resume
-from tr_align.training.metrics import MetricWriter
+from tr_align.training.metrics import MetricWriter, WandbSettings
 
 
 def _batch_stats(host_batch) -> dict:
@@ -178,8 +179,15 @@ def load_data(config, model_config, *, progress: bool = True) -> pipeline.Data:
     return data
 
 
-def build(config, devices=None, *, progress: bool = True) -> Built:
-    """Validates ``config`` and builds mesh, model, data, optimizer and compiled steps."""
+def build(config, devices=None, *, progress: bool = True, set_keys=()) -> Built:
+    """Validates ``config`` and builds mesh, model, data, optimizer and compiled steps.
+
+    Every check that needs no weights runs before they are read: the config, the model's
+    config file against the data (context, vocabulary) and the data itself (fewer examples
+    than a batch...). Process 0 then prints the config's warnings (``config.warnings``;
+    ``set_keys``: the keys the user set, e.g. the CLI's ``--config.KEY`` overrides) as
+    ``tr-align: warning: ...`` lines, and a status line while a pretrained model loads.
+    """
     devices = jax.devices() if devices is None else list(devices)
     config_lib.validate(config, len(devices))
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -191,8 +199,15 @@ def build(config, devices=None, *, progress: bool = True) -> Built:
         )
         return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
 
-    model_config, _, _, params = pretrained.load(config.model, param_shardings)
-    data = load_data(config, model_config, progress=progress)
+    data = load_data(config, pretrained.load_config(config.model), progress=progress)
+    if jax.process_index() == 0:
+        for warning in config_lib.warnings(
+            config, num_steps(config.train, len(data.train)), set_keys
+        ):
+            print(f"tr-align: warning: {warning}", file=sys.stderr, flush=True)
+    source = defaults.get(config, "model.pretrained")
+    with progress_lib.phase(f"loading {source}", enabled=progress and bool(source)):
+        model_config, _, _, params = pretrained.load(config.model, param_shardings)
     total_steps = num_steps(config.train, len(data.train))
     program = build_lib.build_program(
         config,
@@ -230,6 +245,7 @@ def run(
     progress: bool = True,
     devices=None,
     allow_config_change=(),
+    set_keys=(),
 ) -> dict:
     """Trains (or resumes) the run described by ``config`` in ``workdir``.
 
@@ -242,6 +258,8 @@ def run(
       devices: devices for the mesh (default: all).
       allow_config_change: config keys a resume may change (``tr_align.training.resume``;
         ``tr-align train --allow_config_change=KEY,...``).
+      set_keys: the config keys the user set explicitly (the CLI's ``--config.KEY``
+        overrides), for the warnings about settings that do nothing (``config.warnings``).
 
     Returns:
       A summary dict (also written to ``workdir/summary.json``).
@@ -253,7 +271,7 @@ def run(
         config, workdir, allow=allow_config_change, log=print if is_main else None
     )
     # validates the config and reads all data before anything is written
-    built = build(config, devices, progress=progress and is_main)
+    built = build(config, devices, progress=progress and is_main, set_keys=set_keys)
     mesh = built.mesh
     data = built.data
     run_dir = RunDir(workdir)
@@ -298,8 +316,15 @@ def run(
     )
 
     # a fresh start (no usable checkpoint) drops every earlier record, step 0's eval included
+    wandb = None
+    if defaults.get(config, "logging.wandb"):
+        wandb = WandbSettings(
+            project=defaults.get(config, "logging.wandb_project"),
+            name=defaults.get(config, "logging.wandb_name"),
+            config=run_dir.config() if is_main else None,
+        )
     writer = MetricWriter(
-        workdir, resume_step=start if restored is not None else -1, enabled=is_main
+        workdir, resume_step=start if restored is not None else -1, enabled=is_main, wandb=wandb
     )
     if init_logps is None:
         zeros = tuple(np.zeros(len(data.eval), np.float32) for _ in range(2))

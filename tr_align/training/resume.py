@@ -9,7 +9,8 @@ whose value differs (``flat`` dotted names; an absent optional key counts as its
   eval and checkpoint cadence (``train.log_every_steps``, ``train.eval_every_steps``,
   ``train.eval_batch_size``, ``checkpoint.*``), the mesh (``mesh.*``: a checkpoint restores
   into any sharding), the memory levers that compute the same step (``model.remat``,
-  ``train.logps_chunk_size``), ``train.max_bad_steps`` and ``data.cache_dir``;
+  ``train.logps_chunk_size``), ``train.max_bad_steps``, ``data.cache_dir`` and the metric
+  sinks (``logging.*``);
 * ``override`` — refused unless named in ``allow`` (``tr-align train
   --allow_config_change=KEY,KEY``): the run's length (``train.steps``, ``train.epochs``), the
   optimizer's values (``optimizer.learning_rate``, ``end_lr_factor``, ``weight_decay``,
@@ -59,6 +60,7 @@ HARMLESS = (
     "train.logps_chunk_size",
     "model.remat",
     "checkpoint.",
+    "logging.",
     "mesh.",
     "data.cache_dir",
 )
