@@ -14,7 +14,6 @@ from tr_align import config as config_lib
 # Each command's own flags, written out by hand (not read from the code).
 OWN_FLAGS = {
     "train": ["--config", "--workdir", "--stop_at_step", "--allow_config_change"],
-    "sft": ["--config", "--workdir", "--stop_at_step", "--allow_config_change"],
     "data": ["--config", "--num_examples"],
     "export": ["--workdir", "--out", "--which", "--step"],
     "generate": ["--model", "--prompt", "--chat", "--max_new_tokens", "--temperature", "--seed"],
@@ -24,6 +23,9 @@ OWN_FLAGS = {
     "plan": ["--config", "--model", "--devices", "--tpu", "--mesh", "--hbm", "--out"],
     "toy": ["--workdir", "--seeds", "--steps", "--methods", "--model", "--lr", "--hard_tau"],
 }
+# The front door (tr_align.frontdoor): its own usage, flags and the config keys it sets.
+FRONT_DOOR = ("dpo", "ipo", "kto", "sft")  # sft with --config: the train flags
+FRONT_DOOR_FLAGS = ["--model", "--data", "--workdir", "--tr", "--format", "--trl-config"]
 WITH_CONFIG = ("train", "sft", "data", "eval", "bench", "plan")
 ABSL_FLAGS = (
     "--alsologtostderr",
@@ -47,7 +49,29 @@ def _help(capsys, *args):
 
 
 def test_every_command_has_a_help_test():
-    assert set(OWN_FLAGS) == set(cli.COMMANDS)
+    assert set(OWN_FLAGS) | set(FRONT_DOOR) == set(cli.COMMANDS)
+
+
+def test_sft_with_a_config_file_has_the_train_flags(capsys):
+    code, out = _help(capsys, "sft", "--config=configs/default.py", "--help")
+    assert code == 0 and out.startswith("usage: tr-align sft")
+    for flag in ("--config", "--workdir", "--stop_at_step", "--allow_config_change"):
+        assert re.search(rf"^  {flag} \(", out, re.M), flag
+
+
+@pytest.mark.parametrize("command", FRONT_DOOR)
+def test_front_door_help_lists_its_flags_and_every_config_key(capsys, command):
+    code = cli.main(["tr-align", command, "--help"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for flag in FRONT_DOOR_FLAGS:
+        assert re.search(rf"^  {flag} ", out, re.M), flag
+    # the keys with the front door's pretrained-model defaults and the table's meanings
+    assert re.search(r"^  loss\.beta = 0\.1 +\S", out, re.M)
+    lr = "2e-05" if command == "sft" else "1e-06"  # TRL's SFTConfig / DPOConfig defaults
+    assert re.search(rf"^  optimizer\.learning_rate = {lr} +\S", out, re.M)
+    for key in ("train.batch_size", "trust_region.alpha", "data.max_length", "loss.type"):
+        assert re.search(rf"^  {re.escape(key)} = .+  {re.escape(defaults.meaning(key))}", out, re.M)
 
 
 @pytest.mark.parametrize("command", sorted(OWN_FLAGS))

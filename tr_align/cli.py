@@ -365,7 +365,8 @@ def _front_door(argv) -> None:
             raise
         print(report[0], file=sys.stderr)
         sys.exit(report[1])
-    sys.exit(code)
+    if code:
+        sys.exit(code)
 
 
 def _bench(argv) -> None:

@@ -647,12 +647,29 @@ def _has_chat_template(out: str) -> bool:
         return False
 
 
+def help_text(method: str) -> str:
+    """``tr-align METHOD --help``: the usage, then every config key ``--KEY=VALUE`` sets, with
+    the front door's value (before the model and the data fit it) and its meaning from the
+    defaults table (``tr_align.defaults.describe_keys``)."""
+    from tr_align import defaults
+
+    rows = defaults.describe_keys(base_config(method))
+    width = min(44, max(len(f"{k} = {v!r}") for k, v, _ in rows))
+    out = [USAGE.rstrip(), "", f"config keys (--KEY=VALUE; the {method} front door's values):"]
+    out += [f"  {f'{k} = {v!r}':<{width}}  {m}".rstrip() for k, v, m in rows]
+    out.append(
+        "  data.path, model.pretrained, the batch size, steps, eval split and tau are then "
+        "fitted to --model and --data"
+    )
+    return "\n".join(out)
+
+
 def main(method: str, args) -> int:
     """``tr-align METHOD ARGS``: parse, prepare, run; returns the exit code (errors are
     raised for ``tr_align.cli`` to map)."""
     options, overrides = parse_args(args)
     if options.get("help"):
-        print(USAGE)
+        print(help_text(method))
         return 0
     summary = run(prepare(method, options, overrides))
     if summary.get("signal"):
