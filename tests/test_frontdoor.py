@@ -357,9 +357,9 @@ def test_trl_loss_options_map_to_the_new_keys_or_are_refused_when_absent():
         trl_config.from_dict({"rpo_alpha": 0.5}, known_keys=lambda k: False)
 
 
-def test_the_readme_shows_every_mapped_trl_field():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert trl_config.markdown_table() in readme
+def test_the_docs_show_every_mapped_trl_field():
+    page = (REPO / "docs" / "switching.md").read_text(encoding="utf-8")
+    assert trl_config.markdown_table() in page
 
 
 def test_yaml_numbers_and_errors(tmp_path):

@@ -317,7 +317,7 @@ def _train(argv, command="train") -> None:
         "allow_config_change",
         [],
         "Resuming: config keys that may differ from the run's config.json (comma-separated, "
-        "e.g. train.steps,optimizer.learning_rate); see README 'Resuming'.",
+        "e.g. train.steps,optimizer.learning_rate); see docs/running.md, 'Resuming'.",
     )
     FLAGS = flags.FLAGS
 

@@ -76,7 +76,7 @@ usage: tr-align dpo|ipo|kto|sft --model=M --data=D --workdir=O [--tr=soft|hard|o
                 off (frozen reference: vanilla DPO/IPO/KTO)
   --format      record format (default: detected from the records)
   --trl-config  a TRL DPOConfig/KTOConfig YAML (model_name_or_path, dataset_name, output_dir,
-                beta, learning_rate, ...; see README "Coming from TRL")
+                beta, learning_rate, ...; see docs/switching.md)
   --KEY=VALUE   any config key, e.g. --loss.beta=0.05 --train.steps=200 --model.dtype=bfloat16
 
 Then: tr-align generate --model=WORKDIR/hf --chat --prompt="..."

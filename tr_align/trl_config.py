@@ -43,7 +43,7 @@ class Field:
     # map: value, the whole YAML dict, the data-parallel size -> {config key or option: value}
     convert: Callable[[Any, dict, int], dict] | None = None
     allowed: tuple = ()  # only: the values accepted (and ignored)
-    note: str = ""  # the table's explanation (README); for "only": why others are refused
+    note: str = ""  # the table's explanation (docs/switching.md); for "only": why others are refused
     targets: tuple[str, ...] = ()  # map: the config keys / options it can set (for the table)
 
 
@@ -261,7 +261,7 @@ def _only(*allowed, note=""):
 
 _LAUNCH = "logging, hub, data-loader or launcher setting; no effect on what is trained"
 
-# The mapping: TRL field -> Field. One place; README "Coming from TRL" shows it.
+# The mapping: TRL field -> Field. One place; docs/switching.md shows it.
 FIELDS: dict[str, Field] = {
     # --- what to train on, where (TRL's ScriptArguments / ModelConfig)
     "model_name_or_path": _map(_option("model"), "--model"),
@@ -594,7 +594,7 @@ def _same(value, allowed) -> bool:
 
 
 def markdown_table() -> str:
-    """The mapped fields as a Markdown table (README "Coming from TRL"): config keys in
+    """The mapped fields as a Markdown table (docs/switching.md): config keys in
     code font, front-door options (``model``, ``epochs``, ...) in italics."""
     rows = ["| TRL field | tr_align | note |", "| --- | --- | --- |"]
     for name, f in FIELDS.items():

@@ -5,7 +5,7 @@ reference, offline preference losses push the probabilities of BOTH the chosen a
 sequences down and leak probability mass to sequences that never appear in the data
 ("out-of-distribution", OOD); updating the reference (TR-DPO / TR-IPO / TR-KTO) reduces that.
 
-Setup (every setting is a field of ``ToySettings``; the defaults are the README's run):
+Setup (every setting is a field of ``ToySettings``; the defaults are the run in docs/experiments.md):
 
 * Sequence space: all ``vocab ** length`` token sequences (default 4 ** 4 = 256), so every
   probability below is exact, not sampled.
@@ -89,7 +89,7 @@ DEFAULT_PAIRS = (
 @dataclasses.dataclass(frozen=True)
 class ToySettings:
     """Every setting of the experiment (see the module docstring); the defaults are the
-    README's run."""
+    run in docs/experiments.md."""
 
     vocab: int = 4
     length: int = 4

@@ -32,7 +32,7 @@ Batches come in one of two layouts (``sequence_logps`` reads either):
 Either way ``loss_mask`` marks the completion tokens, and token t + 1 is scored by the
 model's output at t. Per-example arrays (``label``, eval's ``weight``) have E rows.
 
-Memory levers (README "Memory levers"): ``grad_accum_steps`` = K > 1 runs steps 1-3 on K
+Memory levers (docs/scaling.md, "Memory levers"): ``grad_accum_steps`` = K > 1 runs steps 1-3 on K
 microbatches inside one ``lax.scan`` and adds their statistics (sums and counts) and
 gradients before the single optimizer update; ``logps_chunk_size`` > 0 computes the
 log-probs from the final hidden states chunk by chunk (``losses.chunked_token_logps``) so
