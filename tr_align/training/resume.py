@@ -19,6 +19,7 @@ whose value differs (``flat`` dotted names; an absent optional key counts as its
   ``data.buckets``); and any key not listed here;
 * ``never`` — refused even when named in ``allow`` (start a new ``--workdir``): the model
   (``model.*``: shapes, the starting model), ``loss.type``, ``trust_region.ref_dtype``,
+  LoRA (``lora.*``, ``trust_region.lora_mode``: what the checkpoint's adapters are),
   ``train.seed``, ``train.batch_size``, the data (``data.*`` but the keys above: what the
   saved data position indexes), the schedule's shape (``optimizer.schedule``,
   ``optimizer.warmup_steps``), and ``optimizer.max_grad_norm`` turning clipping on or off
@@ -66,6 +67,8 @@ NEVER = (
     "model.",
     "loss.type",
     "trust_region.ref_dtype",
+    "trust_region.lora_mode",
+    "lora.",
     "train.seed",
     "train.batch_size",
     "data.",
