@@ -1,0 +1,332 @@
+"""LoRA (issue "Trust region with LoRA"): the transform, the frozen base, and the reference
+update rules (factors and merged) against the paper's rule applied by hand, in numpy, to the
+effective weights W_eff = W + (alpha / rank) * A @ B."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_default_config
+
+from tr_align import lora, sharding
+from tr_align.data import loader
+from tr_align.errors import ConfigError
+from tr_align.models import LlamaConfig
+from tr_align.models.gpt_neox import GPTNeoXConfig
+from tr_align.models import gpt_neox, llama
+from tr_align.training import build as build_lib
+from tr_align.training import objectives
+from tr_align.training import loop
+from tr_align.training import step as step_lib
+
+LLAMA_TARGETS = {
+    f"layers_{i}/{m}/kernel"
+    for i in range(2)
+    for m in (
+        "self_attn/q_proj",
+        "self_attn/k_proj",
+        "self_attn/v_proj",
+        "self_attn/o_proj",
+        "mlp/gate_proj",
+        "mlp/up_proj",
+        "mlp/down_proj",
+    )
+}
+NEOX_TARGETS = {
+    f"layers_{i}/{m}/kernel"
+    for i in range(2)
+    for m in (
+        "attention/query_key_value",
+        "attention/dense",
+        "mlp/dense_h_to_4h",
+        "mlp/dense_4h_to_h",
+    )
+}
+
+
+def _llama():
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return cfg, llama.make_model(cfg)
+
+
+def _random_adapters(lo, base, seed):
+    """Adapters with A and B both random (B = 0 at init would hide half of every rule)."""
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for p in lo.target_paths(base):
+        w = lora._get(base, p)
+        flat[p] = {
+            lora.A: rng.normal(size=(w.shape[0], lo.rank)).astype(np.float32),
+            lora.B: rng.normal(size=(lo.rank, w.shape[1])).astype(np.float32) * 0.1,
+        }
+    return flat
+
+
+def test_default_targets_are_the_attention_and_mlp_projections():
+    cfg, (init_fn, _) = _llama()
+    params = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    assert set(lora.Lora(rank=2).target_paths(params)) == LLAMA_TARGETS
+    ncfg = GPTNeoXConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    nparams = jax.eval_shape(gpt_neox.make_model(ncfg)[0], jax.random.PRNGKey(0))
+    assert set(lora.Lora(rank=2).target_paths(nparams)) == NEOX_TARGETS
+
+
+def test_init_and_merge_equal_w_plus_scaled_ba():
+    cfg, (init_fn, apply_fn) = _llama()
+    base = init_fn(jax.random.PRNGKey(0))
+    lo = lora.Lora(rank=4, alpha=8.0, targets=(r"layers_\d+/self_attn/[qv]_proj/kernel",))
+    adapters = lo.init_adapters(jax.random.PRNGKey(1), base)
+    for p, ab in lora.flat_adapters(adapters).items():
+        w = lora._get(base, p)
+        assert ab[lora.A].shape == (w.shape[0], 4) and ab[lora.B].shape == (4, w.shape[1])
+        assert not np.any(np.asarray(ab[lora.B]))  # B starts at zero
+        bound = 1 / np.sqrt(w.shape[0])
+        assert np.all(np.abs(np.asarray(ab[lora.A])) <= bound) and np.std(ab[lora.A]) > bound / 4
+    # the policy starts as the base (B = 0): identical logits
+    ids = jnp.array([[1, 5, 7, 9, 3]])
+    np.testing.assert_array_equal(apply_fn(lo.policy(base, adapters), ids), apply_fn(base, ids))
+    flat = _random_adapters(lo, base, 0)
+    merged = jax.jit(lo.policy)(base, lora._nest(flat))
+    for path, x in lora.flat_leaves(merged).items():
+        w = np.asarray(lora._get(base, path))
+        if path in flat:
+            want = w + 2.0 * flat[path][lora.A] @ flat[path][lora.B]
+            np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-6, err_msg=path)
+        else:
+            np.testing.assert_array_equal(x, w)
+
+
+def test_bf16_base_is_stored_in_bf16_and_merged_in_f32():
+    cfg, (init_fn, _) = _llama()
+    lo = lora.Lora(rank=2, base_dtype="bfloat16")
+    base = lo.make_base(init_fn(jax.random.PRNGKey(0)))
+    assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
+    adapters = lora._nest(_random_adapters(lo, base, 1))
+    path = "layers_0/mlp/up_proj/kernel"
+    got = lora._get(jax.jit(lo.policy)(base, adapters), path)
+    a = adapters["layers_0"]["mlp"]["up_proj"]["kernel"]
+    want = np.asarray(lora._get(base, path), np.float32) + 8.0 * a[lora.A] @ a[lora.B]
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _ema(a, p, r):
+    return a * p + (1 - a) * r
+
+
+@pytest.mark.parametrize("alpha,tau", [(0.6, 1), (0.3, 2), (1.0, 3)])
+def test_factor_and_merged_updates_against_the_rule_on_effective_weights(alpha, tau):
+    """merged: base + D_ref after the update == alpha * W_eff(policy) + (1 - alpha) *
+    W_eff(reference), the paper's rule on the effective weights, exactly (to float32).
+    factors: A_ref, B_ref each mixed by the rule; its effective weight is the paper's minus
+    s alpha (1 - alpha) (A - A_ref)(B - B_ref) (the cross terms); equal for alpha = 1."""
+    cfg, (init_fn, _) = _llama()
+    base = jax.tree.map(np.asarray, init_fn(jax.random.PRNGKey(0)))
+    lo_f = lora.Lora(rank=3, alpha=6.0, mode="factors")
+    lo_m = lora.Lora(rank=3, alpha=6.0, mode="merged")
+    s = 2.0
+    pol, ref = _random_adapters(lo_f, base, 1), _random_adapters(lo_f, base, 2)
+    dense = {p: s * r[lora.A] @ r[lora.B] + 0.01 for p, r in ref.items()}  # any D_ref
+    up_f = lora.LoraReferenceUpdate(alpha=alpha, tau=tau, lora=lo_f)
+    up_m = lora.LoraReferenceUpdate(alpha=alpha, tau=tau, lora=lo_m)
+    for step in (tau, tau + 1) if tau > 1 else (1,):
+        new_f = jax.jit(up_f.update)(lora._nest(ref), lora._nest(pol), jnp.int32(step))
+        new_m = jax.jit(up_m.update)(lora._nest(dense), lora._nest(pol), jnp.int32(step))
+        eff_f = lora.flat_leaves(jax.jit(lo_f.reference)(base, new_f))
+        eff_m = lora.flat_leaves(jax.jit(lo_m.reference)(base, new_m))
+        synced = step % tau == 0
+        for p in ref:
+            base_w = np.asarray(lora._get(base, p))
+            w_pol = base_w + s * pol[p][lora.A] @ pol[p][lora.B]
+            w_ref_f = base_w + s * ref[p][lora.A] @ ref[p][lora.B]
+            w_ref_m = base_w + dense[p]
+            if not synced:
+                for f in (lora.A, lora.B):
+                    np.testing.assert_array_equal(lora.flat_adapters(new_f)[p][f], ref[p][f])
+                np.testing.assert_allclose(eff_m[p], w_ref_m, rtol=1e-6, atol=1e-6)
+                continue
+            np.testing.assert_allclose(
+                eff_m[p], _ema(alpha, w_pol, w_ref_m), rtol=1e-5, atol=1e-5, err_msg=p
+            )
+            cross = (
+                s
+                * alpha
+                * (1 - alpha)
+                * ((pol[p][lora.A] - ref[p][lora.A]) @ (pol[p][lora.B] - ref[p][lora.B]))
+            )
+            np.testing.assert_allclose(
+                eff_f[p], _ema(alpha, w_pol, w_ref_f) - cross, rtol=1e-5, atol=1e-5, err_msg=p
+            )
+            ab = lora.flat_adapters(new_f)[p]
+            np.testing.assert_allclose(
+                ab[lora.A], _ema(alpha, pol[p][lora.A], ref[p][lora.A]), rtol=1e-6
+            )
+            np.testing.assert_allclose(
+                ab[lora.B], _ema(alpha, pol[p][lora.B], ref[p][lora.B]), rtol=1e-6, atol=1e-7
+            )
+            if alpha == 1.0:  # a hard update copies the adapters exactly
+                np.testing.assert_array_equal(ab[lora.A], pol[p][lora.A])
+                np.testing.assert_array_equal(ab[lora.B], pol[p][lora.B])
+            else:  # the factor EMA is not the EMA of the product
+                assert np.abs(cross).max() > 1e-3
+
+
+def test_adapter_gradients_are_the_chain_rule_of_the_full_model_gradient():
+    """dL/dA = s G B^T and dL/dB = s A^T G, G = dL/dW_eff of the plain (full-model) loss."""
+    cfg, (init_fn, apply_fn) = _llama()
+    base = init_fn(jax.random.PRNGKey(0))
+    lo = lora.Lora(rank=2, alpha=4.0)
+    flat = _random_adapters(lo, base, 3)
+    adapters = lora._nest(flat)
+    objective = objectives.from_config(load_default_config().loss)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 32, size=(2, 8)).astype(np.int32)
+    mask = np.ones((2, 8), np.int32)
+    loss_mask = np.zeros((2, 8), np.int32)
+    loss_mask[:, 4:] = 1
+    batch = {}
+    for i, s in enumerate(("chosen", "rejected")):
+        batch[f"{s}_input_ids"] = ids[i : i + 1]
+        batch[f"{s}_attention_mask"] = mask[i : i + 1]
+        batch[f"{s}_loss_mask"] = loss_mask[i : i + 1]
+    ref_logps = jnp.array([[-20.0, -21.0]])
+    policy_apply, _ = step_lib.views(apply_fn, lo, base)
+
+    def loss(params, fn):
+        return step_lib.policy_loss(params, ref_logps, batch, objective=objective, apply_fn=fn)[0]
+
+    g_ad = jax.jit(jax.grad(lambda a: loss(a, policy_apply)))(adapters)
+    full = jax.jit(lo.policy)(base, adapters)
+    g_full = jax.jit(jax.grad(lambda p: loss(p, apply_fn)))(full)
+    assert float(optax_norm(g_full)) > 0
+    for p, ab in lora.flat_adapters(g_ad).items():
+        g = np.asarray(lora._get(g_full, p))
+        np.testing.assert_allclose(ab[lora.A], 2.0 * g @ flat[p][lora.B].T, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(ab[lora.B], 2.0 * flat[p][lora.A].T @ g, rtol=1e-4, atol=1e-7)
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
+
+
+def _lora_config(tiny_config, preset="tr-soft", **overrides):
+    return tiny_config(
+        preset,
+        **{
+            "optimizer.learning_rate": 1e-2,
+            "lora": dict(rank=4, alpha=8.0),
+            "optimizer.warmup_steps": 0,
+            **overrides,
+        },
+    )
+
+
+def _steps(config, n, devices):
+    built = loop.build(config, devices=devices, progress=False)
+    it = loader.train_iterator(
+        built.data.train,
+        batch_size=config.train.batch_size,
+        seed=config.train.seed,
+        buckets=built.data.buckets,
+        pad_id=built.data.pad_id,
+        **built.program.loader_kwargs(),
+    )
+    state = built.init()
+    host = [jax.tree.map(np.array, state)]
+    metrics = []
+    for _ in range(n):
+        state, m = built.train_step(state, sharding.put_batch(next(it), built.mesh))
+        host.append(jax.tree.map(np.array, state))
+        metrics.append(jax.device_get(m))
+    return built, host, metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["factors", "merged"])
+def test_train_steps_update_adapters_only_and_the_reference_by_the_rule(tiny_config, mode):
+    config = _lora_config(tiny_config, **{"trust_region.lora_mode": mode})
+    built, states, metrics = _steps(config, 3, jax.devices()[:1])
+    lo = built.program.lora
+    s = lo.scale
+    assert s == 2.0
+    # the optimizer state mirrors the adapters only (AdamW mu, nu) + scalars
+    n_opt = sum(x.size for x in jax.tree.leaves(states[0].opt_state))
+    n_ad = sum(x.size for x in jax.tree.leaves(states[0].params))
+    assert n_ad < n_opt <= 2 * n_ad + 8
+    for k in range(1, 4):
+        prev, cur = states[k - 1], states[k]
+        for a, b in zip(jax.tree.leaves(prev.base), jax.tree.leaves(cur.base)):
+            np.testing.assert_array_equal(a, b)  # the base never moves
+        assert any(
+            not np.array_equal(a, b)
+            for a, b in zip(jax.tree.leaves(prev.params), jax.tree.leaves(cur.params))
+        )
+        pol = lora.flat_adapters(cur.params)
+        dist = 0.0
+        for p, ab in pol.items():
+            d_pol = s * ab[lora.A] @ ab[lora.B]
+            if mode == "merged":
+                want = 0.6 * d_pol + 0.4 * lora.flat_leaves(prev.ref_params)[p]
+                got = lora.flat_leaves(cur.ref_params)[p]
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+                d_ref = got
+            else:
+                r = lora.flat_adapters(prev.ref_params)[p]
+                got = lora.flat_adapters(cur.ref_params)[p]
+                for f in (lora.A, lora.B):
+                    np.testing.assert_allclose(
+                        got[f], 0.6 * ab[f] + 0.4 * r[f], rtol=1e-5, atol=1e-7
+                    )
+                d_ref = s * got[lora.A] @ got[lora.B]
+            dist += float(np.sum((d_pol - d_ref) ** 2))
+        np.testing.assert_allclose(metrics[k - 1]["ref/param_distance"], np.sqrt(dist), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_vanilla_reference_is_the_base_and_holds_no_adapters(tiny_config):
+    config = _lora_config(tiny_config, "vanilla")
+    built, states, metrics = _steps(config, 2, jax.devices()[:1])
+    assert states[-1].ref_params is None
+    assert metrics[1]["ref/updates"] == 0
+    total = 0.0
+    lo = built.program.lora
+    for ab in lora.flat_adapters(states[-1].params).values():
+        total += float(np.sum((lo.scale * ab[lora.A] @ ab[lora.B]) ** 2))
+    np.testing.assert_allclose(metrics[1]["ref/param_distance"], np.sqrt(total), rtol=1e-4)
+
+
+def test_config_errors_are_one_line(tiny_config):
+    from tr_align import config as config_lib
+
+    for overrides, pattern in (
+        ({"lora": dict(rank=-1)}, "lora.rank=-1: must be an integer >= 0"),
+        ({"lora": dict(rank=2, alpha=0.0)}, "lora.alpha=0.0: must be a number > 0"),
+        ({"lora": dict(rank=2, dropout=1.0)}, r"lora.dropout=1.0: must be in \[0, 1\)"),
+        ({"lora": dict(rank=2, targets=["("])}, "lora.targets: '\\(' is not a regex"),
+        ({"lora": dict(rank=2, base_dtype="int8")}, "lora.base_dtype='int8'"),
+        ({"trust_region.lora_mode": "dense"}, "trust_region.lora_mode='dense'"),
+    ):
+        with pytest.raises(ConfigError, match=pattern):
+            config_lib.validate(tiny_config(**overrides), 1)
+    config = tiny_config(lora=dict(rank=2, targets=[r"layers_\d+/mlp/nope/kernel"]))
+    with pytest.raises(ConfigError, match=r"lora.targets: .*nope.* matches no 2-D parameter"):
+        build_lib.build_program(
+            config,
+            LlamaConfig(**{k: v for k, v in config.model.items() if k != "pretrained"}),
+            mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]),
+            rules=sharding.DEFAULT_RULES,
+            total_steps=6,
+        )
