@@ -2,22 +2,25 @@
 update rules (factors and merged) against the paper's rule applied by hand, in numpy, to the
 effective weights W_eff = W + (alpha / rank) * A @ B."""
 
+import json
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_default_config
 
+from conftest import REPO, load_default_config
 from tr_align import lora, sharding
 from tr_align.data import loader
 from tr_align.errors import ConfigError
-from tr_align.models import LlamaConfig
+from tr_align.models import LlamaConfig, gpt_neox, llama
 from tr_align.models.gpt_neox import GPTNeoXConfig
-from tr_align.models import gpt_neox, llama
 from tr_align.training import build as build_lib
-from tr_align.training import objectives
-from tr_align.training import loop
+from tr_align.training import loop, objectives
 from tr_align.training import step as step_lib
+from tr_align.training.metrics import read_jsonl
 
 LLAMA_TARGETS = {
     f"layers_{i}/{m}/kernel"
@@ -330,3 +333,115 @@ def test_config_errors_are_one_line(tiny_config):
             rules=sharding.DEFAULT_RULES,
             total_steps=6,
         )
+
+
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+@pytest.mark.parametrize("model", ["llama_gqa", "gpt_neox"])
+def test_peft_export_names_shapes_and_config_match_what_peft_writes(model):
+    """Against tests/fixtures/peft/<model> (written by peft itself for a rank-4 LoRA of the
+    attention and MLP projections: make_peft_fixture.py)."""
+    from tr_align import hf
+    from tr_align.io import export
+
+    model_config = hf.config_from_hf(
+        json.loads((FIXTURES / "hf" / model / "config.json").read_text())
+    )
+    init_fn, _ = hf.model_fns(model_config)
+    base = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    lo = lora.Lora(rank=4, alpha=8.0)
+    adapters = jax.eval_shape(lo.init_adapters, jax.random.PRNGKey(1), base)
+    adapters = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), adapters)
+    want_shapes = json.loads((FIXTURES / "peft" / model / "tensors.json").read_text())
+    got = export.peft_tensors(adapters, lo, model_config)
+    assert {k: list(v.shape) for k, v in got.items()} == want_shapes
+    want = json.loads((FIXTURES / "peft" / model / "adapter_config.json").read_text())
+    cfg = export.peft_config(adapters, lo, model_config, base=model)
+    for key in (
+        "peft_type",
+        "task_type",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "bias",
+        "fan_in_fan_out",
+        "use_rslora",
+        "use_dora",
+        "base_model_name_or_path",
+    ):
+        assert cfg[key] == want[key], key
+    assert set(cfg["target_modules"]) == set(want["target_modules"])
+    # a subset of layers: one regex that full-matches exactly the adapted modules
+    lo1 = lora.Lora(rank=4, targets=(r"layers_0/.*/kernel",))
+    ad1 = jax.tree.map(
+        lambda x: np.zeros(x.shape, x.dtype),
+        jax.eval_shape(lo1.init_adapters, jax.random.PRNGKey(1), base),
+    )
+    pattern = export.peft_config(ad1, lo1, model_config)["target_modules"]
+    modules = hf.kernel_modules(model_config)
+    assert {m for m in modules.values() if re.fullmatch(pattern, m)} == {
+        m for p, m in modules.items() if p.startswith("layers_0/")
+    }
+
+
+def _losses(workdir):
+    return {
+        r["step"]: r["loss"]
+        for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        if "loss" in r
+    }
+
+
+@pytest.mark.slow
+def test_resume_is_exact_checkpoints_hold_no_base_and_exports_merge(tiny_config, tmp_path):
+    """LoRA (factors, soft TR, bf16 base): 6 steps straight == 3, stop, resume to 6 (losses
+    and adapters bitwise); the checkpoint holds adapters, reference adapters and optimizer
+    state, no base; the merged export is W + s (B_peft A_peft)^T of the PEFT export."""
+    from safetensors.numpy import load_file
+
+    from tr_align.io import export
+    from tr_align.io.rundir import RunDir
+    from tr_align.training import checkpoint
+
+    config = _lora_config(tiny_config, **{"lora.base_dtype": "bfloat16"})
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    dev = jax.devices()[:1]
+    loop.run(config, straight, progress=False, devices=dev)
+    loop.run(config, resumed, stop_at_step=3, progress=False, devices=dev)
+    loop.run(config, resumed, progress=False, devices=dev)
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(a) == list(range(1, 7)) and a == b
+    assert a[6] < a[1]
+    for which in ("params", "ref_params", "opt_state"):
+        x = checkpoint.restore_host(straight, 6, which)
+        y = checkpoint.restore_host(resumed, 6, which)
+        for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+            np.testing.assert_array_equal(u, v)
+    assert checkpoint.restore_host(straight, 6, "base") is None
+    saved = checkpoint.restore_host(straight, 6, "params")
+    assert set(lora.flat_adapters(saved)) == LLAMA_TARGETS
+
+    run = RunDir(straight)
+    base = run.lora_base()
+    export.export(straight, str(tmp_path / "peft"), format="peft")
+    export.export(straight, str(tmp_path / "merged"))
+    export.export(straight, str(tmp_path / "peft_ref"), which="reference", format="peft")
+    peft_t = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    scale = 8.0 / 4
+    name = "model.layers.1.mlp.down_proj"
+    w = np.asarray(base["layers_1"]["mlp"]["down_proj"]["kernel"], np.float32).T
+    delta = (
+        scale
+        * peft_t[f"base_model.model.{name}.lora_B.weight"]
+        @ peft_t[f"base_model.model.{name}.lora_A.weight"]
+    )
+    assert np.abs(delta).max() > 0
+    np.testing.assert_allclose(merged[f"{name}.weight"], w + delta, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        merged["model.embed_tokens.weight"],
+        np.asarray(base["embed_tokens"]["embedding"], np.float32),
+    )
+    ref = load_file(str(tmp_path / "peft_ref" / "adapter_model.safetensors"))
+    assert ref.keys() == peft_t.keys()

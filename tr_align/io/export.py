@@ -95,8 +95,8 @@ def peft_config(adapters, lo, model_config, base: str = "") -> dict:
     matches exactly their full names (PEFT full-matches a string ``target_modules``)."""
     modules = hf.kernel_modules(model_config)
     chosen = [modules[p] for p in lora_lib.flat_adapters(adapters)]
-    short = sorted({m.rsplit(".", 1)[1] for m in chosen})
-    every = sorted(m for m in modules.values() if m.rsplit(".", 1)[1] in short)
+    short = sorted({m.split(".")[-1] for m in chosen})
+    every = sorted(m for m in modules.values() if m.split(".")[-1] in short)
     if sorted(chosen) == every:
         targets = short
     else:
