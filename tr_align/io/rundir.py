@@ -196,7 +196,7 @@ class RunDir:
                     "reference, e.g. loss.type='sft', saves only the policy)"
                 )
             return params, step
-        if which == "reference" and defaults.get(self.config(), "loss.type") == "sft":
+        if which == "reference" and self.config()["loss"]["type"] == "sft":
             raise RunDirError(f"{self.path}: an sft run has no reference")
         adapters, step = self.restore_state_field(which, step)
         base = self.lora_base()
