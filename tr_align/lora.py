@@ -73,6 +73,9 @@ class Lora:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     base_dtype: str = "float32"
     mode: str = "factors"
+    # the model's compute dtype (model.dtype): merged weights are made in it (the model
+    # would cast W + delta to it anyway), so a bfloat16 run's merged targets take 2 bytes
+    compute_dtype: str = "float32"
 
     @property
     def scale(self) -> float:
@@ -163,11 +166,11 @@ class Lora:
 
     def policy(self, base, adapters, dropout_rng=None):
         """The policy's full parameter tree: base + its deltas."""
-        return merge(base, self.policy_deltas(adapters, dropout_rng))
+        return merge(base, self.policy_deltas(adapters, dropout_rng), self.compute_dtype)
 
     def reference(self, base, ref):
         """The reference's full parameter tree: base + its delta (the base for None)."""
-        return merge(base, self.reference_deltas(ref))
+        return merge(base, self.reference_deltas(ref), self.compute_dtype)
 
     # ------------------------------------------------------------------ sharding
 
@@ -219,9 +222,10 @@ def flat_adapters(adapters) -> dict:
     return out
 
 
-def merge(base, deltas: dict):
-    """``base`` with ``W + delta`` (float32) at every path of ``deltas``; other leaves as
-    they are (the model casts them to its compute dtype)."""
+def merge(base, deltas: dict, dtype: str = "float32"):
+    """``base`` with ``W + delta`` (summed in float32, then cast to ``dtype``, the model's
+    compute dtype) at every path of ``deltas``; other leaves as they are (the model casts
+    them to its compute dtype)."""
     if not deltas:
         return base
 
@@ -229,7 +233,7 @@ def merge(base, deltas: dict):
         d = deltas.get(path_str(path))
         if d is None:
             return w
-        return w.astype(jnp.promote_types(w.dtype, jnp.float32)) + d
+        return (w.astype(jnp.promote_types(w.dtype, jnp.float32)) + d).astype(dtype)
 
     return jax.tree_util.tree_map_with_path(one, base)
 
@@ -291,6 +295,7 @@ def from_config(config) -> Lora | None:
         targets=tuple(get_optional(config, "lora.targets")),
         base_dtype=get_optional(config, "lora.base_dtype"),
         mode=get_optional(config, "trust_region.lora_mode"),
+        compute_dtype=get_optional(config, "model.dtype"),
     )
 
 

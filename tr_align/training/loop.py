@@ -285,9 +285,7 @@ def run(
         async_save=defaults.get(config, "checkpoint.async_save"),
         timeout_s=defaults.get(config, "checkpoint.timeout_s"),
     )
-    restored = ckpts.restore(
-        built.saved(built.abstract_state), built.saved(built.state_shardings)
-    )
+    restored = ckpts.restore(built.saved(built.abstract_state), built.saved(built.state_shardings))
     if restored is None:
         start, init_logps, saved_extras = 0, None, {}
         state = built.init()

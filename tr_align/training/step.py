@@ -287,13 +287,13 @@ def views(apply_fn, lora, base, dropout_rng=None) -> tuple[Callable, Callable]:
     return policy, reference
 
 
-def _batch_stats(
-    params, ref_params, batch, *, objective, apply_fn, chunk_size, ref_apply_fn=None
-):
+def _batch_stats(params, ref_params, batch, *, objective, apply_fn, chunk_size, ref_apply_fn=None):
     """Steps 1-3 on one (micro)batch -> (stats, grads of the loss sum)."""
     ref = None
     if objective.needs_reference:
-        logps = _logps_fn(ref_apply_fn or apply_fn, batch, objective=objective, chunk_size=chunk_size)
+        logps = _logps_fn(
+            ref_apply_fn or apply_fn, batch, objective=objective, chunk_size=chunk_size
+        )
         ref = jax.lax.stop_gradient(logps(ref_params)[0])
     loss_fn = functools.partial(
         policy_loss, objective=objective, apply_fn=apply_fn, chunk_size=chunk_size
