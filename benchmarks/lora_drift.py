@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--alpha", type=float, default=0.6)
+    ap.add_argument("--tau", type=int, default=1)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
@@ -45,7 +46,7 @@ def main():
         c.train.steps = args.steps
         c.optimizer.learning_rate = args.lr
         c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, args.steps)
-        c.trust_region.update(dict(enabled=True, alpha=args.alpha, tau=1))
+        c.trust_region.update(dict(enabled=True, alpha=args.alpha, tau=args.tau))
         c.lora = dict(rank=args.rank, alpha=2.0 * args.rank)
         c.trust_region.lora_mode = mode
         return c, loop.build(c, devices=jax.devices()[:1], progress=False)
@@ -72,7 +73,8 @@ def main():
             states[m], metrics = b.train_step(states[m], batch)
             if m == "merged":
                 loss = float(metrics["loss"])
-        replay = upd(replay, states["merged"].params)
+        if step % args.tau == 0:
+            replay = upd(replay, states["merged"].params)
         exact = lora.flat_leaves(states["merged"].ref_params)
         same = deltas(replay)
         other = deltas(states["factors"].ref_params)

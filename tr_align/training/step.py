@@ -16,6 +16,10 @@
 The step is jitted by ``compile_train_step`` with explicit in/out shardings and the state
 donated, so parameters never leave the device and the reference is updated in place.
 
+LoRA (``lora=``, ``tr_align.lora``) is a transform of the parameters, not another step:
+``state.params`` are the adapters, ``state.base`` the frozen base, and the forwards see
+base + deltas (``views``), so steps 1-5 and the skip run unchanged on the adapters.
+
 Batches come in one of two layouts (``sequence_logps`` reads either):
 
 * **padded**: per stream ``{stream}_{input_ids,attention_mask,loss_mask}`` [E, T] (one
