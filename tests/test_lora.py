@@ -452,10 +452,14 @@ def test_resume_is_exact_checkpoints_hold_no_base_and_exports_merge(tiny_config,
 def test_every_objective_packed_fsdp_and_accumulation_match_one_padded_device(
     tiny_config, loss_type
 ):
-    """LoRA with each objective: 4 devices (fsdp), prefix-shared batches and 2 microbatches
-    give the loss, metrics and adapters of 1 device, padded batches, no accumulation; the
-    adapters shard like their kernels (A [in, r] over fsdp where W's input is)."""
-    config = _lora_config(tiny_config, **{"loss.type": loss_type, "data.packing": "none"})
+    """LoRA with each objective, 2 microbatches: 4 devices (fsdp) and prefix-shared batches
+    give the loss, metrics and adapters of 1 device and padded batches (KTO's KL estimate is
+    per microbatch, so both sides accumulate); the adapters shard like their kernels
+    (A [in, r] over fsdp where W's input is)."""
+    config = _lora_config(
+        tiny_config,
+        **{"loss.type": loss_type, "data.packing": "none", "train.grad_accum_steps": 2},
+    )
     _, one, m_one = _steps(config, 2, jax.devices()[:1])
     config = _lora_config(
         tiny_config,
@@ -470,9 +474,9 @@ def test_every_objective_packed_fsdp_and_accumulation_match_one_padded_device(
     built, four, m_four = _steps(config, 2, jax.devices()[:4])
     sh = built.state_shardings.params["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert sh[lora.A].spec == jax.sharding.PartitionSpec("fsdp", None)
-    assert sh[lora.B].spec == jax.sharding.PartitionSpec(None, None)
+    assert sh[lora.B].spec == jax.sharding.PartitionSpec(None, "tensor")  # size-1 axis
     base_sh = built.state_shardings.base["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    assert base_sh.spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert base_sh.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     for a, b in zip(m_four, m_one):
         for k in b:
             if k.endswith("accuracies"):
