@@ -170,7 +170,10 @@ class RunDir:
         return steps[-1] if steps else None
 
     def lora(self):
-        """The run's ``tr_align.lora.Lora`` (None for a full fine-tuning run)."""
+        """The run's ``tr_align.lora.Lora`` (None for a full fine-tuning run, or a run
+        directory without its config.json: LoRA runs always write it)."""
+        if not os.path.isfile(self.file(CONFIG_FILE)):
+            return None
         return lora_lib.from_config(self.config())
 
     def lora_base(self):
