@@ -68,7 +68,7 @@ def main():
 
     rows = []
     for step in range(1, args.steps + 1):
-        for m, (c, b) in runs.items():
+        for m, (_c, b) in runs.items():
             batch = sharding.put_batch(next(its[m]), b.mesh)
             states[m], metrics = b.train_step(states[m], batch)
             if m == "merged":

@@ -513,3 +513,22 @@ def test_lora_reduces_the_loss_from_a_pretrained_start(tiny_config, tmp_path):
     assert np.mean([losses[k] for k in range(13, 17)]) < np.log(2) - 0.01, losses
     assert summary["eval"]["eval/loss"] < np.log(2) - 0.01
     assert summary["eval"]["eval/init_rewards/accuracies"] > 0.55
+
+
+def test_dropout_drops_whole_input_features_of_the_adapter_once_per_key():
+    """lora.dropout = p: the delta is s * (m A / (1 - p)) @ B for a 0/1 row mask m (the
+    adapter's input features), about 1 - p of the rows kept; no key (eval): no dropout."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 3)).astype(np.float32)
+    b = rng.normal(size=(3, 5)).astype(np.float32)
+    adapters = {"w": {lora.A: a, lora.B: b}}
+    lo = lora.Lora(rank=3, alpha=6.0, dropout=0.25)
+    np.testing.assert_allclose(lo.policy_deltas(adapters)["w"], 2.0 * a @ b, rtol=1e-5)
+    d = np.asarray(jax.jit(lo.policy_deltas)(adapters, jax.random.PRNGKey(3))["w"])
+    a_seen = d @ np.linalg.pinv(b) / 2.0  # B has full row rank: recovers the masked A
+    kept = np.abs(a_seen).sum(1) > 1e-4
+    np.testing.assert_allclose(a_seen[kept], a[kept] / 0.75, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(a_seen[~kept], 0.0, atol=1e-4)
+    assert 0.65 < kept.mean() < 0.85
+    d2 = np.asarray(jax.jit(lo.policy_deltas)(adapters, jax.random.PRNGKey(4))["w"])
+    assert not np.allclose(d, d2)  # a new mask per key (per step)
