@@ -12,6 +12,12 @@ task (arbitrary vocabulary ids): a pipeline check, not a quality result.
 
 Presets as in configs/default.py (tr-soft [default], tr-hard, vanilla). LoRA takes a higher
 learning rate than full fine-tuning (here 1e-3 vs 1e-5).
+
+Measured (seed 0, one run, 2 shared and loaded CPU cores): 20 steps in 271 s, 3.8 GB peak
+RSS, finite losses (last 0.702), held-out reward accuracy against the initial policy 0.47
+on 32 pairs (a smoke test: the synthetic ids mean nothing to SmolLM2). The PEFT export
+(19.6 MB) loads in peft 0.21.2 onto the base written as HF safetensors with logits equal
+to ours to 9.2e-5 (logits up to 36.5; benchmarks/results/peft_check.txt).
 """
 
 import os

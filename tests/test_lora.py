@@ -532,3 +532,14 @@ def test_dropout_drops_whole_input_features_of_the_adapter_once_per_key():
     assert 0.65 < kept.mean() < 0.85
     d2 = np.asarray(jax.jit(lo.policy_deltas)(adapters, jax.random.PRNGKey(4))["w"])
     assert not np.allclose(d, d2)  # a new mask per key (per step)
+
+
+@pytest.mark.parametrize("name", ["smollm2_135m_lora", "llama3_8b_lora"])
+def test_lora_recipes_validate(name):
+    from tr_align import config as config_lib
+    from tr_align.config import load_config_file
+
+    c = load_config_file(str(REPO / "configs" / f"{name}.py"))
+    config_lib.validate(c, 1)
+    lo = lora.from_config(c)
+    assert lo.rank == 16 and lo.scale == 2.0 and lo.mode == "factors"
