@@ -452,13 +452,18 @@ def test_resume_is_exact_checkpoints_hold_no_base_and_exports_merge(tiny_config,
 def test_every_objective_packed_fsdp_and_accumulation_match_one_padded_device(
     tiny_config, loss_type
 ):
-    """LoRA with each objective, 2 microbatches: 4 devices (fsdp) and prefix-shared batches
+    """LoRA with each objective, 2 microbatches: 8 devices (fsdp) and prefix-shared batches
     give the loss, metrics and adapters of 1 device and padded batches (KTO's KL estimate is
     per microbatch, so both sides accumulate); the adapters shard like their kernels
     (A [in, r] over fsdp where W's input is)."""
     config = _lora_config(
         tiny_config,
-        **{"loss.type": loss_type, "data.packing": "none", "train.grad_accum_steps": 2},
+        **{
+            "loss.type": loss_type,
+            "data.packing": "none",
+            "train.grad_accum_steps": 2,
+            "train.batch_size": 16,
+        },
     )
     _, one, m_one = _steps(config, 2, jax.devices()[:1])
     config = _lora_config(
@@ -467,11 +472,12 @@ def test_every_objective_packed_fsdp_and_accumulation_match_one_padded_device(
             "loss.type": loss_type,
             "data.packing": "prefix_shared",
             "train.grad_accum_steps": 2,
+            "train.batch_size": 16,
             "mesh.data": 1,
-            "mesh.fsdp": 4,
+            "mesh.fsdp": 8,
         },
     )
-    built, four, m_four = _steps(config, 2, jax.devices()[:4])
+    built, four, m_four = _steps(config, 2, jax.devices()[:8])
     sh = built.state_shardings.params["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert sh[lora.A].spec == jax.sharding.PartitionSpec("fsdp", None)
     assert sh[lora.B].spec == jax.sharding.PartitionSpec(None, "tensor")  # size-1 axis
