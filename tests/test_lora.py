@@ -87,11 +87,12 @@ def test_default_targets_are_the_attention_and_mlp_projections():
     assert set(lora.Lora(rank=2).target_paths(nparams)) == NEOX_TARGETS
 
 
+@pytest.mark.slow
 def test_init_and_merge_equal_w_plus_scaled_ba():
     cfg, (init_fn, apply_fn) = _llama()
-    base = init_fn(jax.random.PRNGKey(0))
+    base = jax.jit(init_fn)(jax.random.PRNGKey(0))
     lo = lora.Lora(rank=4, alpha=8.0, targets=(r"layers_\d+/self_attn/[qv]_proj/kernel",))
-    adapters = lo.init_adapters(jax.random.PRNGKey(1), base)
+    adapters = jax.jit(lo.init_adapters)(jax.random.PRNGKey(1), base)
     for p, ab in lora.flat_adapters(adapters).items():
         w = lora._get(base, p)
         assert ab[lora.A].shape == (w.shape[0], 4) and ab[lora.B].shape == (4, w.shape[1])
@@ -549,3 +550,20 @@ def test_lora_recipes_validate(name):
     config_lib.validate(c, 1)
     lo = lora.from_config(c)
     assert lo.rank == 16 and lo.scale == 2.0 and lo.mode == "factors"
+
+
+def test_peft_export_refuses_what_is_not_low_rank_adapters(tmp_path):
+    from tr_align.io import export
+
+    (tmp_path / "model_config.json").write_text(
+        (FIXTURES / "hf" / "llama_gqa" / "config.json").read_text()
+    )
+    (tmp_path / "config.json").write_text(json.dumps({"model": {}, "loss": {"type": "sigmoid"}}))
+    with pytest.raises(ConfigError, match="is not a LoRA run"):
+        export.export(str(tmp_path), str(tmp_path / "out"), format="peft")
+    cfg = {"model": {}, "lora": {"rank": 4}, "trust_region": {"lora_mode": "merged"}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="lora_mode='merged' keeps the reference's delta"):
+        export.export(str(tmp_path), str(tmp_path / "out"), which="reference", format="peft")
+    with pytest.raises(ConfigError, match="format='gguf'"):
+        export.export(str(tmp_path), str(tmp_path / "out"), format="gguf")
