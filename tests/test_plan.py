@@ -157,3 +157,33 @@ def test_plan_compiles_the_step_of_every_objective(loss_type):
         b["temp"] > 0
         and b["aliased"] == b["params"] + b["reference"] + b["optimizer"] + b["step_rng"]
     )
+
+
+@pytest.mark.parametrize("mode", ["factors", "merged"])
+def test_plan_covers_lora(mode):
+    """LoRA rank 4 on the default model (bf16 base): the adapters are 8,192 parameters
+    (per layer q, o: 64*4 + 4*64; k, v: 64*4 + 4*32; gate, up: 64*4 + 4*128; down:
+    128*4 + 4*64), AdamW holds their moments only, the base 2 bytes per parameter, the
+    reference one set of adapters (factors) or the dense targets (merged: 2 layers of
+    64*64*2 + 64*32*2 + 3*64*128 float32)."""
+    config = load_default_config()
+    config.lora = dict(rank=4, alpha=8.0, base_dtype="bfloat16")
+    config.trust_region.lora_mode = mode
+    config.data.packing = "none"
+    report = plan.plan(
+        config,
+        plan.model_config_from(config, None),
+        jax.devices()[:1],
+        seq_len=16,
+        batch_per_shard=2,
+        mesh_cfg=dict(data=1, fsdp=1, tensor=1),
+    )
+    b = report["bytes"]
+    assert report["params"] == 8192 and report["base_params"] == N_PARAMS
+    assert b["params"] == 4 * 8192 and b["base"] == 2 * N_PARAMS
+    assert 0 <= b["optimizer"] - 2 * 4 * 8192 <= 16
+    dense = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)
+    assert b["reference"] == 4 * (8192 if mode == "factors" else dense)
+    state = b["params"] + b["base"] + b["reference"] + b["optimizer"] + b["step_rng"]
+    assert b["arguments"] == state + b["batch"] and b["aliased"] == state
+    assert "frozen base" in plan.table(report) and "LoRA rank 4" in plan.table(report)

@@ -18,6 +18,7 @@ Commands:
           tr-align data inspect --config=configs/hh_tiny.py [--num_examples=3]
   export  Write a run's trained policy (or reference) as a Hugging Face checkpoint:
           tr-align export --workdir=DIR --out=OUT [--which=policy|reference] [--step=N]
+                          [--format=merged|peft]
   generate  Complete prompts with a pretrained model (KV-cache decoding):
           tr-align generate --model=PATH|smollm2 --prompt="..." [--chat] [--max_new_tokens=64]
           [--temperature=0] [--top_k=0] [--top_p=1] [--seed=0]
@@ -438,12 +439,20 @@ def _export(argv) -> None:
     )
     flags.DEFINE_enum("which", "policy", ["policy", "reference"], "Which parameters to export.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_enum(
+        "format",
+        "merged",
+        ["merged", "peft"],
+        "merged: a full HF model (LoRA merged in); peft: a LoRA run's PEFT adapter directory.",
+    )
     FLAGS = flags.FLAGS
 
     def body():
         from tr_align.io import export
 
-        step = export.export(FLAGS.workdir, FLAGS.out, which=FLAGS.which, step=FLAGS.step)
+        step = export.export(
+            FLAGS.workdir, FLAGS.out, which=FLAGS.which, step=FLAGS.step, format=FLAGS.format
+        )
         print(f"tr-align: wrote the {FLAGS.which} of {FLAGS.workdir} at step {step} to {FLAGS.out}")
 
     _run_app(argv, "export", body)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 
 from absl import logging
 
-from tr_align import dtypes, losses, sharding
+from tr_align import dtypes, lora, losses, sharding
 from tr_align.data import formats, synthetic
 from tr_align.defaults import DEFAULTS, RECIPE_KEYS
 from tr_align.defaults import get as get_optional
@@ -323,6 +324,7 @@ def validate(config, num_devices: int) -> None:
         ref_dtype,
         f"must be {' or '.join(map(repr, dtypes.NAMES))}",
     )
+    _validate_lora(config)
     accum = get_optional(config, "train.grad_accum_steps")
     _check(
         _is_int(accum) and accum >= 1, "train.grad_accum_steps", accum, "must be an integer >= 1"
@@ -550,6 +552,33 @@ def _validate_loss_types(config) -> None:
             "is not supported: the frozen reference's forward runs inside the train step (one "
             "forward, no backward); set it False (or loss.reference_free=True for no reference)",
         )
+
+def _validate_lora(config) -> None:
+    """The ``lora.*`` keys and ``trust_region.lora_mode`` (targets that match no parameter of
+    the model are refused when the model is known: ``tr_align.lora.Lora.check_targets``)."""
+    rank = get_optional(config, "lora.rank")
+    _check(_is_int(rank) and rank >= 0, "lora.rank", rank, "must be an integer >= 0 (0 = off)")
+    mode = get_optional(config, "trust_region.lora_mode")
+    _check(mode in lora.MODES, "trust_region.lora_mode", mode, f"must be one of {lora.MODES}")
+    alpha = get_optional(config, "lora.alpha")
+    _check(_is_num(alpha) and alpha > 0, "lora.alpha", alpha, "must be a number > 0")
+    drop = get_optional(config, "lora.dropout")
+    _check(_is_num(drop) and 0 <= drop < 1, "lora.dropout", drop, "must be in [0, 1)")
+    base_dtype = get_optional(config, "lora.base_dtype")
+    _check(
+        base_dtype in dtypes.NAMES,
+        "lora.base_dtype",
+        base_dtype,
+        f"must be {' or '.join(map(repr, dtypes.NAMES))}",
+    )
+    targets = get_optional(config, "lora.targets")
+    ok = isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets)
+    _check(ok, "lora.targets", targets, "must be a non-empty list of regexes over parameter paths")
+    for t in targets:
+        try:
+            re.compile(t)
+        except re.error as e:
+            raise ConfigError(f"lora.targets: {t!r} is not a regex ({e})") from None
 
 
 def _validate_resume_keys(config) -> None:

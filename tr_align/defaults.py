@@ -29,6 +29,21 @@ DEFAULTS: dict[str, Default] = {
     "model.dtype": Default("float32", "compute dtype (float32 | bfloat16); master weights f32"),
     "model.remat": Default("none", "per-block rematerialisation: none | full | save_dots"),
     "trust_region.ref_dtype": Default("float32", "storage dtype of the reference parameters"),
+    "trust_region.lora_mode": Default(
+        "factors",
+        "LoRA reference: factors (EMA of A and B separately, adapter memory) | merged (exact "
+        "EMA of the delta, a dense [in, out] buffer per target)",
+    ),
+    "lora.rank": Default(0, "> 0: train LoRA adapters of this rank on a frozen base; 0 = off"),
+    "lora.alpha": Default(16.0, "LoRA scale numerator: W_eff = W + (alpha / rank) * A @ B"),
+    "lora.dropout": Default(
+        0.0, "drop rate of the adapters' input features (one mask per step); 0 = off"
+    ),
+    "lora.targets": Default(
+        (r"layers_\d+/(self_attn|attention|mlp)/[^/]+/kernel",),
+        "regexes (full match) over parameter paths; default: the attention and MLP projections",
+    ),
+    "lora.base_dtype": Default("float32", "storage dtype of the frozen base (bfloat16 halves it)"),
     "train.epochs": Default(0, "> 0: run this many epochs of the data instead of train.steps"),
     "train.grad_accum_steps": Default(1, "microbatches per step inside the jitted step"),
     "train.logps_chunk_size": Default(0, "> 0: log-probs this many positions at a time; 0 = off"),

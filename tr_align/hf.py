@@ -101,6 +101,12 @@ def param_axes(config):
     return _module_for_config(config).PARAM_AXES
 
 
+def kernel_modules(config) -> dict[str, str]:
+    """{our Dense kernel path ("layers_0/self_attn/q_proj/kernel"): its Hugging Face module
+    ("model.layers.0.self_attn.q_proj")}: the module names LoRA adapters attach to (PEFT)."""
+    return _module_for_config(config).hf_kernel_modules(config)
+
+
 def decode_fns(config):
     """(decode_fn, init_cache) for KV-cache generation (``tr_align.generate``):
     ``decode_fn(params, ids, positions, cache, cache_index, kv_mask)`` and

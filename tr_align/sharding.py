@@ -219,18 +219,25 @@ def param_specs(params, table, axis_sizes, rules=DEFAULT_RULES):
 def state_shardings(mesh: Mesh, abstract_state, param_axes=None, rules=DEFAULT_RULES):
     """NamedSharding of every leaf of a ``TrainState`` (of arrays or ShapeDtypeStructs).
 
-    ``params`` and ``ref_params`` (when the state holds a reference) get the specs from ``param_axes`` (a model's
-    ``PARAM_AXES`` table) and ``rules``; so does every subtree of ``opt_state`` with the
-    params' tree structure and shapes (Adam's mu and nu). Everything else (step, rng, the
-    objective's ``loss_state``) is replicated.
-    ``param_axes=None`` replicates the parameters too.
+    ``params``, ``ref_params`` (when the state holds a reference) and ``base`` (a LoRA
+    run's frozen base) get the specs from ``param_axes`` (a model's ``PARAM_AXES`` table;
+    for LoRA ``tr_align.lora.Lora.param_axes`` of it, which also names the adapters) and
+    ``rules``; so does every subtree of ``opt_state`` with the params' tree structure and
+    shapes (Adam's mu and nu). Everything else (step, rng, the objective's ``loss_state``)
+    is replicated. ``param_axes=None`` replicates the parameters too.
     """
+
+    def tree_shardings(tree):
+        if tree is None:
+            return None
+        if param_axes is None:
+            specs = jax.tree.map(lambda _: P(), tree)
+        else:
+            specs, _ = param_specs(tree, param_axes, dict(mesh.shape), rules)
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
     params = abstract_state.params
-    if param_axes is None:
-        specs = jax.tree.map(lambda _: P(), params)
-    else:
-        specs, _ = param_specs(params, param_axes, dict(mesh.shape), rules)
-    param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    param_sh = tree_shardings(params)
     treedef = jax.tree.structure(params)
     shapes = [x.shape for x in jax.tree.leaves(params)]
 
@@ -248,10 +255,11 @@ def state_shardings(mesh: Mesh, abstract_state, param_axes=None, rules=DEFAULT_R
     return abstract_state.replace(
         step=replicated(mesh),
         params=param_sh,
-        ref_params=None if abstract_state.ref_params is None else param_sh,
+        ref_params=tree_shardings(abstract_state.ref_params),
         opt_state=opt_sh,
         rng=replicated(mesh),
         loss_state=jax.tree.map(lambda _: replicated(mesh), abstract_state.loss_state),
+        base=tree_shardings(getattr(abstract_state, "base", None)),
     )
 
 

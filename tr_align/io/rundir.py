@@ -20,12 +20,19 @@ for the training loop; every missing file or checkpoint is a one-line ``RunDirEr
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
+import jax
+import numpy as np
+
 from tr_align import defaults, hf
+from tr_align import lora as lora_lib
 from tr_align.errors import CheckpointError, ConfigError, RunDirError, WorkdirError
+from tr_align.io import pretrained
 from tr_align.training import checkpoint, metrics
+from tr_align.training import step as step_lib
 
 CONFIG_FILE = "config.json"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -163,10 +170,47 @@ class RunDir:
         steps = self.checkpoint_steps()
         return steps[-1] if steps else None
 
+    def lora(self):
+        """The run's ``tr_align.lora.Lora`` (None for a full fine-tuning run, or a run
+        directory without its config.json: LoRA runs always write it)."""
+        if not os.path.isfile(self.file(CONFIG_FILE)):
+            return None
+        return lora_lib.from_config(self.config())
+
+    def lora_base(self):
+        """A LoRA run's frozen base, rebuilt as the run built it (``step.init_base``: the
+        starting model, or the model's init from ``train.seed``), as host arrays."""
+        cfg = self.config()
+        _, init_fn, _, params = pretrained.load(cfg["model"])
+        make = functools.partial(step_lib.init_base, init_fn=init_fn, lora=self.lora())
+        base = jax.jit(make)(jax.random.PRNGKey(cfg["train"]["seed"]), params)
+        return jax.tree.map(np.asarray, base)
+
     def restore_params(self, which: str = "policy", step: int | None = None):
         """``(params, step)``: the ``which`` ("policy" | "reference") parameters of the
         checkpoint at ``step`` (None = the newest) as host numpy arrays, whatever mesh or
-        hosts saved them."""
+        hosts saved them. For a LoRA run: the full model, the base merged with the
+        adapters (the reference's; the base itself for a frozen reference)."""
+        lo = self.lora()
+        if lo is None:
+            params, step = self.restore_state_field(which, step)
+            if params is None:
+                raise RunDirError(
+                    f"{self.path}@{step}: the run holds no {which} parameters (a run without a "
+                    "reference, e.g. loss.type='sft', saves only the policy)"
+                )
+            return params, step
+        if which == "reference" and self.config()["loss"]["type"] == "sft":
+            raise RunDirError(f"{self.path}: an sft run has no reference")
+        adapters, step = self.restore_state_field(which, step)
+        base = self.lora_base()
+        view = lo.policy if which == "policy" else lo.reference
+        return jax.tree.map(np.asarray, jax.jit(view)(base, adapters)), step
+
+    def restore_state_field(self, which: str = "policy", step: int | None = None):
+        """``(tree or None, step)``: ``state.params`` ("policy") or ``state.ref_params``
+        ("reference") of the checkpoint as saved (a LoRA run: adapters, reference adapters
+        or deltas, None for a frozen reference), host numpy arrays."""
         if which not in STATE_FIELDS:
             raise ConfigError(f"which={which!r}: expected 'policy' or 'reference'")
         steps = self.checkpoint_steps()
@@ -180,13 +224,7 @@ class RunDir:
         problem = checkpoint.verify(os.path.join(self.file(CHECKPOINT_DIR), str(step)))
         if problem not in (None, checkpoint.UNVERIFIED):
             raise CheckpointError(f"{self.file(CHECKPOINT_DIR)}/{step}: unusable: {problem}")
-        params = checkpoint.restore_host(self.path, step, STATE_FIELDS[which])
-        if params is None:
-            raise RunDirError(
-                f"{self.path}@{step}: the run holds no {which} parameters (a run without a "
-                "reference, e.g. loss.type='sft', saves only the policy)"
-            )
-        return params, step
+        return checkpoint.restore_host(self.path, step, STATE_FIELDS[which]), step
 
     # ------------------------------------------------------------------------- writing
 

@@ -435,6 +435,15 @@ def _hf_spec(cfg: GPTNeoXConfig) -> list[tuple[str, tuple[str, ...], tuple[int, 
     return spec
 
 
+def hf_kernel_modules(cfg: GPTNeoXConfig) -> dict[str, str]:
+    """{our kernel path: the HF module holding it as ``.weight``} (LoRA / PEFT names)."""
+    return {
+        "/".join(path): name.removesuffix(".weight")
+        for name, path, _, transposed in _hf_spec(cfg)
+        if transposed and path[-1] == "kernel"
+    }
+
+
 def hf_tensor_names(cfg: GPTNeoXConfig) -> list[str]:
     """Every HF tensor name ``params_from_hf`` reads (names ending in IGNORED_HF_SUFFIXES
     are buffers of old checkpoints, not parameters)."""

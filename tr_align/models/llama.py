@@ -406,6 +406,15 @@ def _expected_shapes(cfg: LlamaConfig) -> dict:
     return jax.eval_shape(init_fn, jax.random.PRNGKey(0))
 
 
+def hf_kernel_modules(cfg: LlamaConfig) -> dict[str, str]:
+    """{our kernel path: the HF module holding it as ``.weight``} (LoRA / PEFT names)."""
+    return {
+        "/".join(path): name.removesuffix(".weight")
+        for name, path, transpose in _hf_layout(cfg)
+        if transpose and path[-1] == "kernel"
+    }
+
+
 def hf_tensor_names(cfg: LlamaConfig) -> list[str]:
     return [name for name, _, _ in _hf_layout(cfg)]
 

@@ -275,6 +275,8 @@ def plan(
             else _shard_bytes(abstract.ref_params, shardings.ref_params)
         ),
         "optimizer": _shard_bytes(abstract.opt_state, shardings.opt_state),
+        # LoRA: the frozen base (lora.base_dtype); "params" and "optimizer" are the adapters'
+        "base": 0 if abstract.base is None else _shard_bytes(abstract.base, shardings.base),
         "step_rng": _shard_bytes((abstract.step, abstract.rng), (shardings.step, shardings.rng)),
         "batch": _shard_bytes(batch_abstract, batch_sh),
     }
@@ -301,7 +303,8 @@ def plan(
     report = {
         "model": type(model_config).__name__,
         "model_type": getattr(model_config, "model_type", "gpt_neox"),
-        "params": count_params(abstract.params),
+        "params": count_params(abstract.params),  # trainable (LoRA: the adapters)
+        "base_params": 0 if abstract.base is None else count_params(abstract.base),
         "compute_dtype": model_config.dtype,
         "platform": dev.platform,
         "device_kind": dev.device_kind,
@@ -319,6 +322,9 @@ def plan(
                 "trust_region.ref_dtype",
                 "train.grad_accum_steps",
                 "train.logps_chunk_size",
+                "lora.rank",
+                "lora.base_dtype",
+                "trust_region.lora_mode",
             )
         },
         "state_sharding": _describe_sharding(shardings.params),
@@ -353,8 +359,16 @@ def table(report: dict) -> str:
     mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items())
     tr = report["trust_region"]
     mode = f"TR alpha={tr['alpha']} tau={tr['tau']}" if tr["enabled"] else "frozen reference"
+    params = f"{report['params']:,} parameters"
+    lev = report["levers"]
+    if report.get("base_params"):
+        params = (
+            f"LoRA rank {lev['lora.rank']} ({lev['trust_region.lora_mode']} reference): "
+            f"{report['params']:,} trainable on a frozen {lev['lora.base_dtype']} base of "
+            f"{report['base_params']:,}"
+        )
     lines = [
-        f"{report['model_type']} model, {report['params']:,} parameters, "
+        f"{report['model_type']} model, {params}, "
         f"{report['compute_dtype']} compute; {report['loss']} loss, {mode}",
         f"{report['devices']} x {report['device_kind']} ({report['platform']}), mesh {mesh}; "
         f"batch {report['batch_pairs']} pairs ({report['batch_pairs_per_shard']} per "
@@ -364,14 +378,18 @@ def table(report: dict) -> str:
         "",
         f"| per device | {unit} |",
         "| --- | ---: |",
-        f"| policy parameters | {size('params')} |",
+        f"| policy parameters{' (adapters)' if report.get('base_params') else ''} "
+        f"| {size('params')} |",
+        *([f"| frozen base | {size('base')} |"] if report.get("base_params") else []),
         f"| reference parameters | {size('reference')} |",
         f"| optimizer state | {size('optimizer')} |",
         f"| batch | {size('batch')} |",
         f"| activations, gradients, scratch (XLA temp) | {size('temp')} |",
     ]
     if b.get("total") is None:
-        floor = sum(b[k] for k in ("params", "reference", "optimizer", "step_rng", "batch"))
+        floor = sum(
+            b.get(k, 0) for k in ("params", "base", "reference", "optimizer", "step_rng", "batch")
+        )
         lines.append(f"| total | n/a (state and batch alone: {floor / scale:.2f}) |")
     else:
         lines.append(f"| total (arguments + outputs - donated + temp) | {size('total')} |")

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from tr_align import hf, sharding, trust_region
+from tr_align import lora as lora_lib
 from tr_align.config import get_optional
 from tr_align.training import objectives as objectives_lib
 from tr_align.training import optim
@@ -65,6 +66,8 @@ class Program:
     eval_step: Callable
     grad_accum_steps: int
     pack_length: int = 0
+    lora: lora_lib.Lora | None = None  # LoRA (``lora.rank`` > 0): adapters on a frozen base
+    make_base: Callable | None = None  # LoRA: (rng, params or None) -> the base (unjitted)
 
     def loader_kwargs(self, *, eval: bool = False) -> dict:
         """The layout arguments of ``data.loader.train_iterator`` / ``eval_batches`` for
@@ -84,6 +87,11 @@ class Program:
     def init(self, rng, params=None):
         """A fresh state, born sharded (``params`` None: the model's random init)."""
         return jax.jit(self.make_state, out_shardings=self.state_shardings)(rng, params)
+
+    def init_base(self, rng, params=None):
+        """A LoRA run's frozen base, born sharded: what ``init(rng, params).base`` holds
+        (a resume puts it back into the restored state; checkpoints hold no base)."""
+        return jax.jit(self.make_base, out_shardings=self.state_shardings.base)(rng, params)
 
     def abstract_batch(self, examples: int, length: int, *, rows=None, eval: bool = False):
         """ShapeDtypeStructs of a global batch of ``examples`` examples in rows of
@@ -123,9 +131,14 @@ def build_program(
     a resume (``optim.make_schedule``; the loop resolves ``optimizer.schedule_extensions``)."""
     opt = functools.partial(get_optional, config)
     objective = objectives_lib.from_config(config.loss)
-    reference_update = (
-        trust_region.from_config(config.trust_region) if objective.needs_reference else None
-    )
+    lora = lora_lib.from_config(config)
+    reference_update = None
+    if objective.needs_reference:
+        reference_update = (
+            trust_region.from_config(config.trust_region)
+            if lora is None
+            else lora_lib.reference_update(lora, config.trust_region)
+        )
     init_fn, apply_fn = hf.model_fns(model_config)
     apply_fn = sharding.with_activation_sharding(apply_fn, mesh, rules)
     tx, schedule = optim.make_optimizer(config.optimizer, total_steps, schedule_extensions)
@@ -136,10 +149,21 @@ def build_program(
         ref_dtype=opt("trust_region.ref_dtype"),
         with_reference=objective.needs_reference,
         loss_state=objective.init_loss_state(),
+        lora=lora,
+        update_reference=reference_update is not None,
     )
+    make_base = None
+    if lora is not None:  # a ConfigError naming a target regex that selects nothing
+        lora.check_targets(
+            params if params is not None else jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+        )
+        make_base = functools.partial(step_lib.init_base, init_fn=init_fn, lora=lora)
     rng = jax.ShapeDtypeStruct((2,), np.uint32)
     abstract = jax.eval_shape(make_state, rng, params)
-    shardings = sharding.state_shardings(mesh, abstract, hf.param_axes(model_config), rules)
+    axes = hf.param_axes(model_config)
+    if lora is not None:
+        axes = lora.param_axes(axes)
+    shardings = sharding.state_shardings(mesh, abstract, axes, rules)
     layout = opt("data.packing")
     chunk = opt("train.logps_chunk_size")
     accum = opt("train.grad_accum_steps")
@@ -164,10 +188,18 @@ def build_program(
             reference_update=reference_update,
             grad_accum_steps=accum,
             logps_chunk_size=chunk,
+            lora=lora,
         ),
         eval_step=step_lib.compile_eval_step(
-            mesh, shardings, objective=objective, apply_fn=apply_fn, logps_chunk_size=chunk
+            mesh,
+            shardings,
+            objective=objective,
+            apply_fn=apply_fn,
+            logps_chunk_size=chunk,
+            lora=lora,
         ),
         grad_accum_steps=accum,
         pack_length=opt("data.pack_length"),
+        lora=lora,
+        make_base=make_base,
     )

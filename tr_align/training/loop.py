@@ -96,6 +96,15 @@ class Built:
     model_config: Any  # LlamaConfig / GPTNeoXConfig
     init: Callable  # () -> TrainState, born sharded
     data: pipeline.Data  # tokenized train/eval sets, buckets, data report
+    init_base: Callable | None = None  # LoRA: () -> the frozen base (``init().base``)
+
+    def saved(self, state):
+        """What a checkpoint holds of ``state``: all of it but a LoRA run's frozen base."""
+        return state.replace(base=None)
+
+    def restored(self, state):
+        """A state restored from a checkpoint, with the frozen base put back (LoRA)."""
+        return state if self.init_base is None else state.replace(base=self.init_base())
 
     def train_iterator(self, config):
         """This process's train batches: ``loader.train_iterator`` in the config's order
@@ -218,8 +227,11 @@ def build(config, devices=None, *, progress: bool = True, set_keys=()) -> Built:
         params=params,
         schedule_extensions=schedule_extensions(config, len(data.train)),
     )
+    model_params = program.abstract_state.params  # a LoRA run's adapters: the base's
+    if program.lora is not None:
+        model_params = program.abstract_state.base
     _, fallbacks = sharding.param_specs(
-        program.abstract_state.params, hf.param_axes(model_config), dict(mesh.shape), rules
+        model_params, hf.param_axes(model_config), dict(mesh.shape), rules
     )
     if fallbacks and jax.process_index() == 0:
         logging.warning(
@@ -234,6 +246,7 @@ def build(config, devices=None, *, progress: bool = True, set_keys=()) -> Built:
         model_config=model_config,
         init=lambda: program.init(rng, params),
         data=data,
+        init_base=None if program.lora is None else (lambda: program.init_base(rng, params)),
     )
 
 
@@ -290,12 +303,13 @@ def run(
         async_save=defaults.get(config, "checkpoint.async_save"),
         timeout_s=defaults.get(config, "checkpoint.timeout_s"),
     )
-    restored = ckpts.restore(built.abstract_state, built.state_shardings)
+    restored = ckpts.restore(built.saved(built.abstract_state), built.saved(built.state_shardings))
     if restored is None:
         start, init_logps, saved_extras = 0, None, {}
         state = built.init()
     else:
         start, state, data_state, saved_extras = restored
+        state = built.restored(state)
         data_it.set_state(data_state)
         init_logps = tuple(
             np.asarray(saved_extras[k], np.float32) for k in ("init_chosen", "init_rejected")
@@ -339,8 +353,14 @@ def run(
         mode = "no reference"
     if is_main:
         n = count_params(built.abstract_state.params)
+        if built.program.lora is not None:
+            lo = built.program.lora
+            mode += f"; LoRA rank {lo.rank} ({lo.mode})"
+            n = f"{n:,} trainable of {count_params(built.abstract_state.base):,}"
+        else:
+            n = f"{n:,}"
         print(
-            f"tr-align: {config.loss.type} loss, {mode}; {n:,} params; mesh "
+            f"tr-align: {config.loss.type} loss, {mode}; {n} params; mesh "
             f"{dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} device(s); "
             f"{'resuming from step ' + str(start) if start else 'starting'} -> step {total}",
             flush=True,
@@ -418,7 +438,12 @@ def run(
                     # only the run's end (or a stop) saves it
                     checkpoint_due = not (guard.checkpoint_ok or final)
                     if not checkpoint_due:
-                        ckpts.save(step, state, data_it.get_state(), {**extras, **guard.extras()})
+                        ckpts.save(
+                            step,
+                            built.saved(state),
+                            data_it.get_state(),
+                            {**extras, **guard.extras()},
+                        )
                         guard.saved(step)
                 if stop.requested:
                     break

@@ -21,6 +21,7 @@ whose value differs (``flat`` dotted names; an absent optional key counts as its
 * ``never`` — refused even when named in ``allow`` (start a new ``--workdir``): the model
   (``model.*``: shapes, the starting model), ``loss.type``, ``loss.reference_free`` and
   ``loss.bco_running_mean`` (what the state holds), ``trust_region.ref_dtype``,
+  LoRA (``lora.*``, ``trust_region.lora_mode``: what the checkpoint's adapters are),
   ``train.seed``, ``train.batch_size``, the data (``data.*`` but the keys above: what the
   saved data position indexes), the schedule's shape (``optimizer.schedule``,
   ``optimizer.warmup_steps``), and ``optimizer.max_grad_norm`` turning clipping on or off
@@ -71,6 +72,8 @@ NEVER = (
     "loss.reference_free",  # whether the state holds a reference
     "loss.bco_running_mean",  # whether the state holds the running mean
     "trust_region.ref_dtype",
+    "trust_region.lora_mode",
+    "lora.",
     "train.seed",
     "train.batch_size",
     "data.",

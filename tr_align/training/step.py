@@ -18,6 +18,10 @@
 The step is jitted by ``compile_train_step`` with explicit in/out shardings and the state
 donated, so parameters never leave the device and the reference is updated in place.
 
+LoRA (``lora=``, ``tr_align.lora``) is a transform of the parameters, not another step:
+``state.params`` are the adapters, ``state.base`` the frozen base, and the forwards see
+base + deltas (``views``), so steps 1-5 and the skip run unchanged on the adapters.
+
 Batches come in one of two layouts (``sequence_logps`` reads either):
 
 * **padded**: per stream ``{stream}_{input_ids,attention_mask,loss_mask}`` [E, T] (one
@@ -51,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tr_align import lora as lora_lib
 from tr_align import losses, sharding, trust_region
 from tr_align.training import objectives as objectives_lib
 
@@ -77,6 +82,10 @@ class TrainState:
     rng: jax.Array  # uint32[2] PRNG key, split once per step
     # the objective's running state (objectives.Paired's bco_pair running mean), None without
     loss_state: Any = None
+    # LoRA (``tr_align.lora``): the frozen base the adapters (``params``) and the reference
+    # adapters / deltas (``ref_params``) apply to; no gradient, no optimizer state, never
+    # checkpointed. None without LoRA.
+    base: Any = None
 
     def apply_gradients(
         self, grads, *, tx, reference_update=None, finite=None
@@ -130,6 +139,8 @@ def init_state(
     ref_dtype: str | None = None,
     with_reference: bool = True,
     loss_state=None,
+    lora=None,
+    update_reference: bool = True,
 ) -> TrainState:
     """A fresh state: the reference (``with_reference``) starts as a copy of the policy.
 
@@ -138,8 +149,27 @@ def init_state(
     weights); the reference is stored in ``ref_dtype`` ("float32" or "bfloat16", None =
     the policy's dtype), i.e. the initial policy rounded to nearest once. ``loss_state``: the
     objective's initial running state (``objective.init_loss_state()``).
+
+    With ``lora`` (a ``tr_align.lora.Lora``) that model is the frozen ``base`` (in
+    ``lora.base_dtype``: ``init_base``), ``params`` are fresh adapters and the reference is
+    ``lora.init_reference`` (None for a frozen one, ``update_reference`` False: the
+    reference is the base itself).
     """
     params_rng, state_rng = jax.random.split(rng)
+    if lora is not None:
+        base = init_base(rng, params, init_fn=init_fn, lora=lora)
+        adapters = lora.init_adapters(jax.random.fold_in(params_rng, 1), base)
+        ref = None
+        if with_reference:
+            ref = lora.init_reference(adapters, enabled=update_reference, dtype=ref_dtype)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=adapters,
+            ref_params=ref,
+            opt_state=tx.init(adapters),
+            rng=state_rng,
+            base=base,
+        )
     if params is None:
         params = init_fn(params_rng)
     ref_params = None
@@ -155,6 +185,15 @@ def init_state(
         rng=state_rng,
         loss_state=loss_state,
     )
+
+
+def init_base(rng, params, *, init_fn: Callable, lora):
+    """A LoRA run's frozen base for the state seeded by ``rng`` (``init_state``'s key):
+    ``params`` or the model's init, in ``lora.base_dtype``. A resume rebuilds it with this
+    function (checkpoints hold no base)."""
+    if params is None:
+        params = init_fn(jax.random.split(rng)[0])
+    return lora.make_base(params)
 
 
 def is_token_layout(batch) -> bool:
@@ -322,11 +361,32 @@ def policy_loss(
     return stats["loss"][0], (stats, loss_state)
 
 
-def _batch_stats(params, ref_params, batch, loss_state, *, objective, apply_fn, chunk_size):
+def views(apply_fn, lora, base, dropout_rng=None) -> tuple[Callable, Callable]:
+    """(policy apply, reference apply): ``apply_fn`` over what the state holds. Without LoRA
+    both are ``apply_fn``; with it they merge the frozen ``base`` and the adapters (the
+    reference's adapters or deltas; the base alone for None) inside the traced function,
+    per call (``tr_align.lora``)."""
+    if lora is None:
+        return apply_fn, apply_fn
+
+    def policy(adapters, *args, **kw):
+        return apply_fn(lora.policy(base, adapters, dropout_rng), *args, **kw)
+
+    def reference(ref, *args, **kw):
+        return apply_fn(lora.reference(base, ref), *args, **kw)
+
+    return policy, reference
+
+
+def _batch_stats(
+    params, ref_params, batch, loss_state, *, objective, apply_fn, chunk_size, ref_apply_fn=None
+):
     """Steps 1-3 on one (micro)batch -> (stats, grads of the loss sum, new loss_state)."""
     ref = None
     if objective.needs_reference:
-        logps = _logps_fn(apply_fn, batch, objective=objective, chunk_size=chunk_size)
+        logps = _logps_fn(
+            ref_apply_fn or apply_fn, batch, objective=objective, chunk_size=chunk_size
+        )
         ref = jax.lax.stop_gradient(logps(ref_params)[0])
     loss_fn = functools.partial(
         policy_loss, objective=objective, apply_fn=apply_fn, chunk_size=chunk_size
@@ -348,8 +408,14 @@ def train_step(
     reference_update=None,
     grad_accum_steps: int = 1,
     logps_chunk_size: int = 0,
+    lora=None,
 ):
     """One optimizer step of ``objective``. Pure; jit with ``compile_train_step``.
+
+    With ``lora`` (``tr_align.lora.Lora``) ``state.params`` are the adapters and
+    ``state.base`` the frozen base: the forwards see base + deltas (``views``), the
+    gradient, the optimizer and the reference update (a ``lora.LoraReferenceUpdate``) see
+    the adapters only.
 
     With ``grad_accum_steps`` = K > 1 the batch is split into K microbatches
     (``microbatches``) that a ``lax.scan`` runs one after another, adding their
@@ -359,9 +425,15 @@ def train_step(
     ``tr_align.training.objectives`` for the batch statistics taken per microbatch). The
     optimizer and the reference update run once per step.
     """
-    rng, _ = jax.random.split(state.rng)  # no dropout yet; the key still advances per step
+    # the key advances per step; its second half drives LoRA's dropout (lora.dropout > 0)
+    rng, dropout_rng = jax.random.split(state.rng)
+    policy_apply, ref_apply = views(apply_fn, lora, state.base, dropout_rng)
     run = functools.partial(
-        _batch_stats, objective=objective, apply_fn=apply_fn, chunk_size=logps_chunk_size
+        _batch_stats,
+        objective=objective,
+        apply_fn=policy_apply,
+        chunk_size=logps_chunk_size,
+        ref_apply_fn=ref_apply,
     )
     if grad_accum_steps == 1:
         stats, grads, loss_state = run(state.params, state.ref_params, batch, state.loss_state)
@@ -399,28 +471,33 @@ def train_step(
         metrics["ref/updates"] = (
             jnp.zeros_like(new_state.step) if ru is None else ru.num_updates(new_state.step)
         )
-        metrics["ref/param_distance"] = trust_region.param_distance(
-            new_state.params, new_state.ref_params
-        )
+        if lora is None:
+            distance = trust_region.param_distance(new_state.params, new_state.ref_params)
+        else:  # between the effective weights: the deltas (the base cancels)
+            distance = lora_lib.delta_distance(lora, new_state.params, new_state.ref_params)
+        metrics["ref/param_distance"] = distance
     return new_state.replace(rng=rng), metrics
 
 
-def eval_step(state: TrainState, batch, *, objective, apply_fn, logps_chunk_size: int = 0):
+def eval_step(
+    state: TrainState, batch, *, objective, apply_fn, logps_chunk_size: int = 0, lora=None
+):
     """Held-out metrics of one batch (weighted means, rows weighted by ``batch['weight']``)
     and the policy's per-example log-probs of the two eval streams (recorded at step 0 as
     the initial policy's, ``init_{chosen,rejected}_logps``)."""
     streams = objective.eval_streams
+    policy_apply, ref_apply = views(apply_fn, lora, state.base)
     ref = None
     if objective.needs_reference:
         ref = _logps_fn(
-            apply_fn, batch, objective=objective, chunk_size=logps_chunk_size, streams=streams
+            ref_apply, batch, objective=objective, chunk_size=logps_chunk_size, streams=streams
         )(state.ref_params)[0]
     lp = _policy_logps(
         state.params,
         ref,
         batch,
         objective=objective,
-        apply_fn=apply_fn,
+        apply_fn=policy_apply,
         chunk_size=logps_chunk_size,
         streams=streams,
     )
@@ -439,6 +516,7 @@ def compile_train_step(
     reference_update=None,
     grad_accum_steps: int = 1,
     logps_chunk_size: int = 0,
+    lora=None,
 ):
     """``train_step`` jitted over ``mesh``: the state in and out with ``state_shardings``
     and donated, every batch array (either layout) split over the data-parallel axes,
@@ -452,6 +530,7 @@ def compile_train_step(
         reference_update=reference_update,
         grad_accum_steps=grad_accum_steps,
         logps_chunk_size=logps_chunk_size,
+        lora=lora,
     )
     return jax.jit(
         fn,
@@ -461,10 +540,16 @@ def compile_train_step(
     )
 
 
-def compile_eval_step(mesh, state_shardings, *, objective, apply_fn, logps_chunk_size: int = 0):
+def compile_eval_step(
+    mesh, state_shardings, *, objective, apply_fn, logps_chunk_size: int = 0, lora=None
+):
     """``eval_step`` jitted over ``mesh``: (metrics replicated, per-example outputs split)."""
     fn = functools.partial(
-        eval_step, objective=objective, apply_fn=apply_fn, logps_chunk_size=logps_chunk_size
+        eval_step,
+        objective=objective,
+        apply_fn=apply_fn,
+        logps_chunk_size=logps_chunk_size,
+        lora=lora,
     )
     batch_sh = sharding.batch_sharding(mesh)
     return jax.jit(

@@ -1,0 +1,37 @@
+"""TR-DPO with LoRA on Llama-3-8B, on one GPU: the paper's UltraFeedback recipe
+(configs/llama3_8b_ultrafeedback.py, tr-soft) with rank-16 adapters on every attention and
+MLP projection, a frozen bfloat16 base and the factor-EMA reference (adapter memory).
+
+Check the memory on one 80 GB and one 24 GB GPU (README "LoRA"):
+
+    tr-align plan --config=configs/llama3_8b_lora.py --devices=1 --mesh=data=1,fsdp=1,tensor=1 \\
+      --batch_per_device=1 --seq_len=1024 --hbm=80GB
+    tr-align plan ... --hbm=24GB
+
+Presets as the UltraFeedback recipe's (tr-soft [default], tr-hard, dpo); one GPU: the mesh is
+data=1, and the paper's 64 pairs come from train.grad_accum_steps.
+"""
+
+import os
+
+from tr_align.config import load_config_file
+
+_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama3_8b_ultrafeedback.py")
+
+
+def get_config(preset: str | None = None):
+    c = load_config_file(_BASE, preset or "tr-soft")
+    c.lora = dict(
+        rank=16,
+        alpha=32.0,
+        dropout=0.0,
+        targets=(r"layers_\d+/(self_attn|attention|mlp)/[^/]+/kernel",),
+        base_dtype="bfloat16",  # the frozen base in 2 bytes per parameter
+    )
+    c.trust_region.lora_mode = "factors"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+    c.model.dtype = "bfloat16"
+    c.model.remat = "full"
+    c.train.logps_chunk_size = 256
+    c.train.grad_accum_steps = 64
+    return c
