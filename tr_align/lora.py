@@ -51,6 +51,7 @@ from tr_align import trust_region
 from tr_align.defaults import DEFAULTS
 from tr_align.defaults import get as get_optional
 from tr_align.errors import ConfigError
+from tr_align.models.common import FactoredKernel
 
 A, B = "lora_a", "lora_b"
 # The attention and MLP projections of both families: Llama q/k/v/o_proj, gate/up/down_proj;
@@ -164,6 +165,35 @@ class Lora:
             return self.policy_deltas(ref)
         return {p: d.astype(jnp.float32) for p, d in flat_leaves(ref).items()}
 
+    def _dropped(self, adapters, dropout_rng):
+        """{path: (A, B)} float32, A with the dropout row mask of ``policy_deltas``."""
+        out = {}
+        for i, (path, ab) in enumerate(flat_adapters(adapters).items()):
+            a = ab[A].astype(jnp.float32)
+            if self.dropout and dropout_rng is not None:
+                keep = jax.random.bernoulli(
+                    jax.random.fold_in(dropout_rng, i), 1.0 - self.dropout, (a.shape[0], 1)
+                )
+                a = jnp.where(keep, a / (1.0 - self.dropout), 0.0)
+            out[path] = (a, ab[B])
+        return out
+
+    def policy_view(self, base, adapters, dropout_rng=None):
+        """The policy's parameter tree for the forward inside the step: each target kernel
+        as ``FactoredKernel(W, A, B, scale)``, applied factor by factor by the model's
+        projections (``x @ W + scale (x @ A) @ B``: no [in, out] merged weight or gradient is
+        ever formed); a 2-D target that is not a projection kernel (an embedding) merged."""
+        return _view(base, self._dropped(adapters, dropout_rng), self.scale, self.compute_dtype)
+
+    def reference_view(self, base, ref):
+        """The reference's tree for the forward: factors as in ``policy_view``; merged
+        deltas (``lora_mode="merged"``) added to the base; the base for None."""
+        if ref is None:
+            return base
+        if self.mode == "factors":
+            return self.policy_view(base, ref)
+        return self.reference(base, ref)
+
     def policy(self, base, adapters, dropout_rng=None):
         """The policy's full parameter tree: base + its deltas."""
         return merge(base, self.policy_deltas(adapters, dropout_rng), self.compute_dtype)
@@ -236,6 +266,21 @@ def merge(base, deltas: dict, dtype: str = "float32"):
         return (w.astype(jnp.promote_types(w.dtype, jnp.float32)) + d).astype(dtype)
 
     return jax.tree_util.tree_map_with_path(one, base)
+
+
+def _view(base, factors: dict, scale: float, dtype: str):
+    """``base`` with every projection kernel of ``factors`` ({path: (A, B)}) as a
+    ``FactoredKernel`` and any other target merged (``merge``)."""
+    kernels = {p: ab for p, ab in factors.items() if p.rsplit("/", 1)[-1] == "kernel"}
+    others = {p: scale * (a @ b.astype(jnp.float32)) for p, (a, b) in factors.items()
+              if p not in kernels}  # fmt: skip
+    tree = merge(base, others, dtype)
+
+    def one(path, w):
+        ab = kernels.get(path_str(path))
+        return w if ab is None else FactoredKernel(w, ab[0], ab[1], scale)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def delta_distance(lora: Lora, adapters, ref) -> jax.Array:

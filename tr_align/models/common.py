@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -21,6 +22,19 @@ from tr_align import sharding
 
 # dot_general accumulating (and returning) float32, for the output projection.
 F32_DOT = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+
+
+@flax.struct.dataclass
+class FactoredKernel:
+    """A projection's kernel kept as LoRA factors: ``W + scale * A @ B`` (W [in, out], A [in,
+    r], B [r, out]), which ``decoder.Dense`` applies as ``x @ W + scale * (x @ A) @ B``
+    without ever forming the [in, out] sum or its gradient (``tr_align.lora``'s view of a
+    target for the forward; the effective weight is the same)."""
+
+    w: Any
+    a: Any
+    b: Any
+    scale: float = flax.struct.field(pytree_node=False)
 
 
 def to_dict(tree: Any) -> Any:

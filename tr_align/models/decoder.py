@@ -105,13 +105,34 @@ class Dense(nn.Dense):
     Inputs ``[..., in]`` are flattened to rows and the result reshaped back: on a 3-D input
     XLA:CPU computes the kernel gradient as a dot contracting two dimensions, several times
     slower than the same matmul on rows.
+
+    A kernel given as ``common.FactoredKernel`` (a LoRA target, ``tr_align.lora``) is applied
+    factor by factor, ``x @ W + scale * (x @ A) @ B``: the gradient reaches A and B through
+    [N, r] activations, never through an [in, out] matrix.
     """
 
     @nn.compact
     def __call__(self, inputs):
         lead = inputs.shape[:-1]
-        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        x = inputs.reshape(-1, inputs.shape[-1])
+        kernel = self.get_variable("params", "kernel")
+        if isinstance(kernel, common.FactoredKernel):
+            y = self._factored(x, kernel)
+        else:
+            y = super().__call__(x)
         return y.reshape(*lead, y.shape[-1])
+
+    def _factored(self, x, k):
+        dtype = self.dtype or jnp.result_type(x, k.w)
+        dot = self.dot_general or jax.lax.dot_general
+        dims = (((1,), (0,)), ((), ()))
+        x = x.astype(dtype)
+        low = dot(x, k.a.astype(dtype), dims).astype(dtype)
+        y = dot(x, k.w.astype(dtype), dims) + k.scale * dot(low, k.b.astype(dtype), dims)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(y.dtype)
+        return y
 
 
 def dense(cfg, features: int, name: str, use_bias: bool = False, **kw) -> Dense:

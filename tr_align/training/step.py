@@ -363,17 +363,18 @@ def policy_loss(
 
 def views(apply_fn, lora, base, dropout_rng=None) -> tuple[Callable, Callable]:
     """(policy apply, reference apply): ``apply_fn`` over what the state holds. Without LoRA
-    both are ``apply_fn``; with it they merge the frozen ``base`` and the adapters (the
+    both are ``apply_fn``; with it they apply the frozen ``base`` and the adapters (the
     reference's adapters or deltas; the base alone for None) inside the traced function,
-    per call (``tr_align.lora``)."""
+    per call: target projections factor by factor (``Lora.policy_view``), so no merged
+    [in, out] weight or its gradient is formed (``tr_align.lora``)."""
     if lora is None:
         return apply_fn, apply_fn
 
     def policy(adapters, *args, **kw):
-        return apply_fn(lora.policy(base, adapters, dropout_rng), *args, **kw)
+        return apply_fn(lora.policy_view(base, adapters, dropout_rng), *args, **kw)
 
     def reference(ref, *args, **kw):
-        return apply_fn(lora.reference(base, ref), *args, **kw)
+        return apply_fn(lora.reference_view(base, ref), *args, **kw)
 
     return policy, reference
 
