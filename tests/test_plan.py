@@ -187,3 +187,20 @@ def test_plan_covers_lora(mode):
     state = b["params"] + b["base"] + b["reference"] + b["optimizer"] + b["step_rng"]
     assert b["arguments"] == state + b["batch"] and b["aliased"] == state
     assert "frozen base" in plan.table(report) and "LoRA rank 4" in plan.table(report)
+
+
+def test_pairs_per_shard_not_divisible_by_the_accumulation_is_one_line():
+    config = load_default_config()
+    config.train.grad_accum_steps = 4
+    model = plan.model_config_from(config, None)
+    with pytest.raises(ConfigError, match=r"2 pairs per data-parallel shard .* grad_accum_steps=4"):
+        plan.plan(
+            config,
+            model,
+            jax.devices()[:1],
+            seq_len=16,
+            batch_per_shard=2,
+            mesh_cfg=dict(data=1, fsdp=1, tensor=1),
+            hbm=2**20,
+            hbm_label="1 MiB",
+        )

@@ -253,6 +253,12 @@ def plan(
             )
     else:
         batch = int(batch_per_shard) * dp
+    accum = int(defaults.get(config, "train.grad_accum_steps"))
+    if (batch // dp) % accum:
+        raise ConfigError(
+            f"{batch // dp} pairs per data-parallel shard (train.batch_size or "
+            f"--batch_per_device): must be divisible by train.grad_accum_steps={accum}"
+        )
     if seq_len < 2:
         raise ConfigError(f"--seq_len={seq_len}: must be >= 2")
 
