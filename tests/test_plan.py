@@ -193,7 +193,7 @@ def test_pairs_per_shard_not_divisible_by_the_accumulation_is_one_line():
     config = load_default_config()
     config.train.grad_accum_steps = 4
     model = plan.model_config_from(config, None)
-    with pytest.raises(ConfigError, match=r"2 pairs per data-parallel shard .* grad_accum_steps=4"):
+    with pytest.raises(ConfigError, match=r"2 pairs per data-parallel shard .*grad_accum_steps=4"):
         plan.plan(
             config,
             model,
