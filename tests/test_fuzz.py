@@ -398,7 +398,9 @@ OVERRIDES = {
         st.integers(max_value=-1) | st.integers(min_value=2**32),
         st.integers(0, 2**32 - 1),
     ),
-    "data.num_train": (st.integers(max_value=0), st.integers(1, 4000)),
+    # valid: at least one batch of _tiny (train.batch_size 8); 1..7 are refused as "fewer than
+    # one batch" (tests/test_first_run.py)
+    "data.num_train": (st.integers(max_value=0), st.integers(8, 4000)),
     "data.response_len": (st.integers(max_value=1), st.integers(2, 40)),
     "model.vocab_size": (st.integers(-5, 6), st.integers(7, 1000)),
     "model.max_position_embeddings": (st.integers(1, 15), st.integers(16, 4096)),

@@ -274,6 +274,19 @@ def command_help(command: str, argv, names) -> str:
     return "\n".join(out)
 
 
+def _reporting_errors(fn):
+    """``fn()``; a project error ends the process with its one line and exit code
+    (``error_report``), anything else propagates."""
+    try:
+        return fn()
+    except Exception as e:
+        report = error_report(e)
+        if report is None:
+            raise
+        print(report[0], file=sys.stderr)
+        sys.exit(report[1])
+
+
 def _run_app(argv, command, body) -> None:
     """Runs ``body()`` under absl with quiet logging; a project error ends the command with
     its one-line message and exit code (``error_report``), whatever the command. Under
@@ -288,15 +301,11 @@ def _run_app(argv, command, body) -> None:
             logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         from tr_align import distributed
 
-        try:
+        def start():
             distributed.initialize()  # multi-host jobs: before anything touches a device
             body()
-        except Exception as e:
-            report = error_report(e)
-            if report is None:
-                raise
-            print(report[0], file=sys.stderr)
-            sys.exit(report[1])
+
+        _reporting_errors(start)
 
     app.run(main, argv=[f"{argv[0]} {command}"] + list(argv[2:]), flags_parser=_parse_flags)
 
@@ -355,17 +364,14 @@ def _front_door(argv) -> None:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    try:
+
+    def start():
         from tr_align import distributed, frontdoor
 
         distributed.initialize()
-        code = frontdoor.main(argv[1], argv[2:])
-    except Exception as e:
-        report = error_report(e)
-        if report is None:
-            raise
-        print(report[0], file=sys.stderr)
-        sys.exit(report[1])
+        return frontdoor.main(argv[1], argv[2:])
+
+    code = _reporting_errors(start)
     if code:
         sys.exit(code)
 
@@ -816,6 +822,18 @@ QUIET_LIBRARIES = {
 
 
 def main(argv=None) -> int:
+    """``tr-align COMMAND ...``; the signal handlers a command installs are put back when it
+    returns, so a process that calls ``main`` in-process keeps its own."""
+    from tr_align.training import interrupt
+
+    saved = interrupt.startup_state()
+    try:
+        return _main(argv)
+    finally:
+        interrupt.restore_startup_state(saved)
+
+
+def _main(argv=None) -> int:
     argv = sys.argv if argv is None else argv
     for name, value in QUIET_LIBRARIES.items():
         os.environ.setdefault(name, value)

@@ -145,16 +145,10 @@ class Lora:
         """{path: (alpha / rank) * A @ B} float32. With ``dropout`` > 0 and ``dropout_rng``,
         the adapter's input features are dropped (a row mask on A, kept rows scaled by
         1 / (1 - dropout)), one mask per step."""
-        out = {}
-        for i, (path, ab) in enumerate(flat_adapters(adapters).items()):
-            a = ab[A].astype(jnp.float32)
-            if self.dropout and dropout_rng is not None:
-                keep = jax.random.bernoulli(
-                    jax.random.fold_in(dropout_rng, i), 1.0 - self.dropout, (a.shape[0], 1)
-                )
-                a = jnp.where(keep, a / (1.0 - self.dropout), 0.0)
-            out[path] = self.scale * (a @ ab[B].astype(jnp.float32))
-        return out
+        return {
+            path: self.scale * (a @ b.astype(jnp.float32))
+            for path, (a, b) in self._dropped(adapters, dropout_rng).items()
+        }
 
     def reference_deltas(self, ref) -> dict:
         """{path: the reference's delta}: {} for None (the base), the product of the

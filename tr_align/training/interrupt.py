@@ -77,6 +77,24 @@ def install_startup_handlers(message_suffix: str = "") -> None:
             signal.signal(sig, handle)
 
 
+def startup_state():
+    """What ``install_startup_handlers`` changes (the SIGINT/SIGTERM handlers and the
+    second-signal flag), for ``restore_startup_state`` when a process runs a command
+    in-process and goes on (tests, notebooks)."""
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+    return handlers, _hard_abort
+
+
+def restore_startup_state(state) -> None:
+    global _hard_abort
+    handlers, _hard_abort = state
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+
+
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag for the training loop (module docstring).
 
