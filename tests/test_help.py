@@ -3,6 +3,7 @@ their values and meanings, exit 0 — in-process for every command (``cli.main``
 flags it defined again, so one process can ask for every help)."""
 
 import re
+import signal
 
 import pytest
 from absl import flags
@@ -39,7 +40,10 @@ ABSL_FLAGS = (
 
 def _help(capsys, *args):
     before = set(flags.FLAGS)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     code = cli.main(["tr-align", *args])
+    # the start-up signal handlers the command installed are gone again too
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
     out = capsys.readouterr().out
     added = set(flags.FLAGS) - before
     # the command's flags are gone again; flags of libraries it imported (orbax, grain) stay
