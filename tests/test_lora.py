@@ -13,7 +13,6 @@ import pytest
 
 from conftest import REPO, load_default_config
 from tr_align import lora, sharding
-from tr_align.data import loader
 from tr_align.errors import ConfigError
 from tr_align.models import LlamaConfig, gpt_neox, llama
 from tr_align.models.gpt_neox import GPTNeoXConfig
@@ -242,14 +241,7 @@ def _lora_config(tiny_config, preset="tr-soft", **overrides):
 
 def _steps(config, n, devices):
     built = loop.build(config, devices=devices, progress=False)
-    it = loader.train_iterator(
-        built.data.train,
-        batch_size=config.train.batch_size,
-        seed=config.train.seed,
-        buckets=built.data.buckets,
-        pad_id=built.data.pad_id,
-        **built.program.loader_kwargs(),
-    )
+    it = built.train_iterator(config)
     state = built.init()
     host = [jax.tree.map(np.array, state)]
     metrics = []

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from tr_align import losses, sharding
-from tr_align.data import loader
 from tr_align.training import loop
 
 LAYOUTS = ("packed", "prefix_shared")
@@ -26,14 +25,7 @@ def _run(config, layout, n_steps, devices):
     config = config.copy_and_resolve_references()
     config.data.packing = layout
     built = loop.build(config, devices=devices, progress=False)
-    it = loader.train_iterator(
-        built.data.train,
-        batch_size=config.train.batch_size,
-        seed=config.train.seed,
-        buckets=built.data.buckets,
-        pad_id=built.data.pad_id,
-        **built.program.loader_kwargs(),
-    )
+    it = built.train_iterator(config)
     state = built.init()
     metrics = []
     for _ in range(n_steps):
