@@ -104,6 +104,62 @@ def test_implicit_prompt_chat_pairs_are_ultrafeedback_and_unknown_records_one_li
         frontdoor.detect_format([({"question": "q", "answer": "a"}, "x.jsonl:1")])
 
 
+# --- the base config ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dpo", "sft"])
+def test_the_base_config_before_the_model_and_data(method):
+    """``base_config``: the recipes' shared values (as configs/default.py has them) with the
+    front door's (TRL's defaults, written here by hand), no from-scratch model sizes and no
+    synthetic task keys."""
+    c = frontdoor.base_config(method)
+    assert dict(c.model) == {"pretrained": "", "dtype": "float32", "remat": "none"}
+    assert (c.data.source, c.data.path, c.data.format, c.data.split) == (
+        "files",
+        "",
+        "generic",
+        "train",
+    )
+    assert (c.data.eval_fraction, c.data.max_length, c.data.max_prompt_length) == (0.1, 1024, 512)
+    assert dict(c.data.fields) == {
+        k: k for k in ("prompt", "chosen", "rejected", "completion", "label")
+    }
+    assert (c.data.packing, c.data.group_window, c.data.on_bad_row) == ("prefix_shared", 16, "skip")
+    assert not {"num_train", "num_eval", "min_prompt_len", "max_prompt_len", "response_len"} & set(
+        c.data
+    )
+    t = c.train
+    assert (t.steps, t.epochs, t.batch_size, t.eval_batch_size, t.seed) == (1, 0.0, 8, 8, 42)
+    assert (t.log_every_steps, t.eval_every_steps, t.max_bad_steps) == (1, 1, 10)
+    o = c.optimizer
+    assert (o.learning_rate, o.warmup_steps, o.schedule) == (
+        2e-5 if method == "sft" else 1e-6,
+        0,
+        "linear",
+    )
+    assert (o.end_lr_factor, o.weight_decay, o.b1, o.b2, o.eps, o.max_grad_norm) == (
+        0.0,
+        0.0,
+        0.9,
+        0.999,
+        1e-8,
+        1.0,
+    )
+    assert (c.loss.type, c.loss.beta, c.loss.label_smoothing, c.loss.discopop_tau) == (
+        "sft" if method == "sft" else "sigmoid",
+        0.1,
+        0.0,
+        0.05,
+    )
+    assert (c.trust_region.enabled, c.trust_region.alpha, c.trust_region.tau) == (
+        method != "sft",
+        0.6,
+        1,
+    )
+    assert (c.mesh.data, c.checkpoint.every_steps, c.checkpoint.max_to_keep) == (-1, 1, 2)
+    assert c.logging.wandb is False  # --logging.wandb=true is a key the front door takes
+
+
 # --- defaults that fit the data ----------------------------------------------------------------
 
 
