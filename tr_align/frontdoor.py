@@ -92,6 +92,9 @@ class Plan:
     config: ml_collections.ConfigDict
     workdir: str
     lines: list[str]  # what was chosen, and why (printed before training)
+    # the records of data.split as prepare read them: ``run`` hands them to the data pipeline,
+    # so that the file is read and parsed once (None: the pipeline reads it)
+    records: list | None = None
 
 
 # ------------------------------------------------------------------------- arguments
@@ -349,8 +352,9 @@ def hard_tau(steps: int) -> int:
 
 def prepare(method: str, options: dict, overrides: dict, *, num_devices: int | None = None):
     """The ``Plan`` of ``tr-align METHOD`` with ``options`` / ``overrides`` (``parse_args``):
-    reads the records once to detect their format and count them, then sets the batch,
-    the run's length, warmup, eval split, lengths and the trust region to fit them."""
+    reads the records once to detect their format and count them (kept in ``Plan.records``
+    for the data pipeline, which reads no file again), then sets the batch, the run's length,
+    warmup, eval split, lengths and the trust region to fit them."""
     if num_devices is None:
         import jax
 
@@ -554,18 +558,21 @@ def prepare(method: str, options: dict, overrides: dict, *, num_devices: int | N
         f"{config.data.max_length} (prompt {config.data.max_prompt_length})",
     )
     lines += [f"  note: {n}" for n in notes]
-    return Plan(config=config, workdir=workdir, lines=lines)
+    return Plan(config=config, workdir=workdir, lines=lines, records=records)
 
 
 def run(plan: Plan, *, progress: bool = True, devices=None) -> dict:
-    """Trains ``plan`` with the training loop (resuming a run in ``plan.workdir``) and, when
-    the run reached its last step, exports the policy with its tokenizer to WORKDIR/hf.
-    Returns the loop's summary (with ``"export"``: the exported directory)."""
+    """Trains ``plan`` with the training loop (resuming a run in ``plan.workdir``; the data
+    pipeline starts from ``plan.records``, the records ``prepare`` read) and, when the run
+    reached its last step, exports the policy with its tokenizer to WORKDIR/hf. Returns the
+    loop's summary (with ``"export"``: the exported directory)."""
     from tr_align.io import export
     from tr_align.training import loop
 
     print("\n".join(plan.lines), flush=True)
-    summary = loop.run(plan.config, plan.workdir, progress=progress, devices=devices)
+    summary = loop.run(
+        plan.config, plan.workdir, progress=progress, devices=devices, records=plan.records
+    )
     if summary.get("signal") or summary["step"] < summary["total_steps"]:
         return summary
     out = os.path.join(plan.workdir, HF_DIR)
