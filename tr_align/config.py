@@ -135,7 +135,7 @@ def recipe_base(preset: str | None = None) -> ml_collections.ConfigDict:
     set itself) and the trust region of ``trust_region.PRESETS[preset]`` (default tr-soft).
 
     What it leaves out is the recipe's own: the model (its sizes from scratch), data.source
-    (the synthetic task's keys), data.eval_fraction (the table's 0 until set), and the run's
+    (the synthetic task's keys), data.eval_fraction (the table's 0.0 until set), and the run's
     length, batch, seed, eval cadence, learning rate, warmup and checkpoint cadence
     (``REQUIRED_KEYS``; ``validate`` names any a recipe forgets).
     """
