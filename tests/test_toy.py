@@ -284,6 +284,8 @@ def test_lora_drift_of_hand_deltas():
         ("lora_mode", "exact", "toy: lora_mode='exact'; expected one of factors, merged"),
         ("lora_rank", -1, "toy: lora_rank=-1; expected an integer >= 0"),
         ("lora_alpha", 0.0, "toy: lora_alpha=0.0; expected a number > 0"),
+        ("lora_alpha", float("nan"), "toy: lora_alpha=nan; expected a number > 0"),
+        ("lora_alpha", "8", "toy: lora_alpha='8'; expected a number > 0"),
     ],
 )
 def test_lora_settings_are_checked(field, value, message):

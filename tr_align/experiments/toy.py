@@ -64,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import numbers
 import os
 import time
 
@@ -154,13 +155,10 @@ class ToySettings:
             raise ConfigError(f"toy: steps={self.steps} and seeds={self.seeds} must be >= 1")
         trust_region.validate(self.soft_alpha, self.soft_tau)
         trust_region.validate(1.0, self.hard_tau)
-        if (
-            isinstance(self.lora_rank, bool)
-            or not isinstance(self.lora_rank, int)
-            or (self.lora_rank < 0)
-        ):
-            raise ConfigError(f"toy: lora_rank={self.lora_rank!r}; expected an integer >= 0")
-        if not float(self.lora_alpha) > 0:  # also refuses NaN
+        rank, alpha = self.lora_rank, self.lora_alpha
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ConfigError(f"toy: lora_rank={rank!r}; expected an integer >= 0")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
             raise ConfigError(f"toy: lora_alpha={self.lora_alpha!r}; expected a number > 0")
         if self.lora_mode not in lora.MODES:
             raise ConfigError(
@@ -426,9 +424,10 @@ def make_lora_train(s: ToySettings, method: str):
     The policy is ``Lora.policy(pi_sft, adapters)`` (pi_sft frozen, the adapters trained,
     B = 0 at step 0). curves: TRACKED and, for a soft / hard TR method, LORA_TRACKED
     ({name: [S, steps + 1]}, column k after k optimizer steps). references: None for a
-    vanilla method (the reference is pi_sft); else {"factors": reference adapters,
-    "merged": {target: dense reference delta}}: the one of ``s.lora_mode`` drove the loss,
-    the other followed the same policy trajectory.
+    vanilla method (the reference is pi_sft); else {"factors": the reference adapters,
+    "merged": the dense reference deltas, one [in, out] leaf per target in the base's
+    nesting}: the one of ``s.lora_mode`` drove the loss, the other followed the same policy
+    trajectory.
     """
     loss_type, mode = METHODS[method]
     _, apply_fn = make_policy(s)
