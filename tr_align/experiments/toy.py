@@ -327,6 +327,21 @@ def make_sft(s: ToySettings):
     return jax.jit(jax.vmap(one))
 
 
+def _pair_loss(s: ToySettings, loss_type: str, d: _Data, logp, ref_logp) -> jax.Array:
+    """The mean preference loss over the data's pairs from the log-probs of every sequence
+    (length-averaged, as TRL does, for ``losses.uses_average_logps`` types)."""
+    scale = 1.0 / s.length if losses.uses_average_logps(loss_type) else 1.0
+    per_example, _, _ = losses.preference_loss(
+        loss_type,
+        scale * logp[d.chosen],
+        scale * logp[d.rejected],
+        scale * ref_logp[d.chosen],
+        scale * ref_logp[d.rejected],
+        beta=s.beta,
+    )
+    return per_example.mean()
+
+
 def make_train(s: ToySettings, method: str):
     """Jitted: pi_sft params (stacked over seeds) -> (curves, policy, reference).
 
@@ -343,19 +358,10 @@ def make_train(s: ToySettings, method: str):
     d = _data(s)
     seqs = jnp.asarray(d.seqs)
     tx = optax.adam(s.lr)
-    scale = 1.0 / s.length if losses.uses_average_logps(loss_type) else 1.0
 
     def loss_fn(params, ref_logp):
         logp = all_logps(apply_fn, params, seqs, s.vocab)
-        per_example, _, _ = losses.preference_loss(
-            loss_type,
-            scale * logp[d.chosen],
-            scale * logp[d.rejected],
-            scale * ref_logp[d.chosen],
-            scale * ref_logp[d.rejected],
-            beta=s.beta,
-        )
-        return per_example.mean(), logp
+        return _pair_loss(s, loss_type, d, logp, ref_logp), logp
 
     def one(sft_params):
         logp_sft = all_logps(apply_fn, sft_params, seqs, s.vocab)
@@ -434,7 +440,6 @@ def make_lora_train(s: ToySettings, method: str):
     d = _data(s)
     seqs = jnp.asarray(d.seqs)
     tx = optax.adam(s.lr)
-    scale = 1.0 / s.length if losses.uses_average_logps(loss_type) else 1.0
     los = {m: toy_lora(s, m) for m in lora.MODES}
     drive = los[s.lora_mode]
     alpha, tau = (s.soft_alpha, s.soft_tau) if mode == "soft" else (1.0, s.hard_tau)
@@ -442,15 +447,7 @@ def make_lora_train(s: ToySettings, method: str):
 
     def loss_fn(adapters, base, ref_logp):
         logp = all_logps(apply_fn, drive.policy(base, adapters), seqs, s.vocab)
-        per_example, _, _ = losses.preference_loss(
-            loss_type,
-            scale * logp[d.chosen],
-            scale * logp[d.rejected],
-            scale * ref_logp[d.chosen],
-            scale * ref_logp[d.rejected],
-            beta=s.beta,
-        )
-        return per_example.mean(), logp
+        return _pair_loss(s, loss_type, d, logp, ref_logp), logp
 
     def ref_logps(base, refs, logp_sft):
         if refs is None:
