@@ -28,6 +28,10 @@ if "TR_ALIGN_TEST_JAX_CACHE" not in os.environ:
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["TR_ALIGN_TEST_JAX_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # cache every compile
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # of any size
+# A size limit turns on jax's file lock around every cache read and write, so a process never
+# reads an entry another one is still writing (without one, a write is a plain write_bytes);
+# 8 GiB is far above what a session writes (a tiny-model train step is ~0.1 MB).
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
