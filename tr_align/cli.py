@@ -763,6 +763,14 @@ def _plan_environment(argv) -> None:
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{gen.replace('v5e', 'v5litepod')}-{size}")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("TPU_WORKER_ID", "0")
+    if "gpu" in value and "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
+        # Without a GPU there is no autotuning, and XLA:GPU's default Triton GEMM tiling fails
+        # on the rank-r adapter matmuls ("INTERNAL: Couldn't find output tile sizes", Llama-3-8B
+        # LoRA r16): plan with cuBLAS GEMMs (their operands are materialized where a Triton
+        # fusion might not need them, so the temp errs high if anything).
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
+        ).strip()
     n = value.get("devices", "")
     if n.isdigit():
         flags = [
