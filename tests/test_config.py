@@ -330,3 +330,146 @@ def test_resume_and_numerics_keys_are_checked(tiny_config, key, value, pattern):
     del config.train["max_bad_steps"]  # optional: absent means the default (10)
     config.optimizer.schedule_extensions = [[3, 6, 0.0]]
     config_lib.validate(config, num_devices=8)
+
+
+# configs/default.py's keys and values (repr: a float stays a float) as the file wrote them out
+# before the recipes shared config.recipe_base, copied by hand from it; trust_region.lora_mode
+# (at its default) is the one key the builder adds. The default run must keep them.
+DEFAULT_RECIPE = """
+checkpoint.async_save = False
+checkpoint.every_steps = 100
+checkpoint.max_to_keep = 2
+checkpoint.timeout_s = 1200
+data.buckets = ()
+data.cache_dir = ''
+data.chat_template = ''
+data.data_dir = ''
+data.eval_fraction = 0.05
+data.eval_split = ''
+data.fields = {'chosen': 'chosen', 'completion': 'completion', 'label': 'label', 'prompt': 'prompt', 'rejected': 'rejected'}
+data.format = 'generic'
+data.group_by_length = False
+data.group_window = 16
+data.max_length = 1024
+data.max_prompt_len = 8
+data.max_prompt_length = 512
+data.min_prompt_len = 4
+data.num_eval = 512
+data.num_train = 2048
+data.on_bad_row = 'skip'
+data.pack_length = 0
+data.packing = 'prefix_shared'
+data.path = ''
+data.response_len = 6
+data.source = 'synthetic'
+data.split = 'train'
+data.tokenizer = ''
+data.truncation_mode = 'keep_start'
+logging.wandb = False
+logging.wandb_name = ''
+logging.wandb_project = 'tr_align'
+loss.bco_running_mean = False
+loss.beta = 0.1
+loss.desirable_weight = 1.0
+loss.discopop_tau = 0.05
+loss.label_smoothing = 0.0
+loss.ld_alpha = 1.0
+loss.precompute_ref_log_probs = False
+loss.reference_free = False
+loss.rpo_alpha = 0.0
+loss.type = 'sigmoid'
+loss.undesirable_weight = 1.0
+loss.use_weighting = False
+loss.weights = ()
+mesh.data = -1
+mesh.fsdp = 1
+mesh.rules = ()
+mesh.tensor = 1
+model.dtype = 'float32'
+model.hidden_size = 64
+model.intermediate_size = 128
+model.max_position_embeddings = 64
+model.num_attention_heads = 4
+model.num_hidden_layers = 2
+model.num_key_value_heads = 2
+model.pretrained = ''
+model.remat = 'none'
+model.rms_norm_eps = 1e-06
+model.rope_theta = 10000.0
+model.tie_word_embeddings = True
+model.vocab_size = 32
+optimizer.b1 = 0.9
+optimizer.b2 = 0.999
+optimizer.end_lr_factor = 0.0
+optimizer.eps = 1e-08
+optimizer.learning_rate = 0.001
+optimizer.max_grad_norm = 1.0
+optimizer.schedule = 'linear'
+optimizer.warmup_steps = 20
+optimizer.weight_decay = 0.0
+train.batch_size = 32
+train.epochs = 0.0
+train.eval_batch_size = 128
+train.eval_every_steps = 100
+train.grad_accum_steps = 1
+train.log_every_steps = 1
+train.logps_chunk_size = 0
+train.max_bad_steps = 10
+train.seed = 0
+train.steps = 400
+trust_region.alpha = 0.6
+trust_region.enabled = True
+trust_region.lora_mode = 'factors'
+trust_region.ref_dtype = 'float32'
+trust_region.tau = 1
+"""
+
+
+def _lines(config, prefix=""):
+    """``KEY = repr(VALUE)`` of every value of a config (``data.fields``: one value)."""
+    out = []
+    for key, value in config.items():
+        if hasattr(value, "items") and key != "fields":
+            out += _lines(value, f"{prefix}{key}.")
+        else:
+            value = dict(sorted(value.items())) if key == "fields" else value
+            out.append(f"{prefix}{key} = {value!r}")
+    return out
+
+
+def test_the_default_recipe_keeps_its_values():
+    """configs/default.py (config.recipe_base + its own values): every key and value of the
+    file as it was written out, with the same types (so that --config.train.epochs=1.5 and
+    --config.data.eval_fraction=0.2 parse as numbers), the presets, and data.max_prompt_length
+    following an override of data.max_length."""
+    from conftest import load_default_config
+
+    assert sorted(_lines(load_default_config())) == DEFAULT_RECIPE.split("\n")[1:-1]
+    hard = [line for line in _lines(load_default_config("tr-hard")) if "trust_region." in line]
+    assert sorted(hard) == [
+        "trust_region.alpha = 1.0",
+        "trust_region.enabled = True",
+        "trust_region.lora_mode = 'factors'",
+        "trust_region.ref_dtype = 'float32'",
+        "trust_region.tau = 512",
+    ]
+    assert load_default_config("vanilla").trust_region.enabled is False
+    with pytest.raises(ValueError, match="unknown preset 'tr-medium'; expected one of"):
+        load_default_config("tr-medium")
+    c = load_default_config()
+    c.data.max_length = 300
+    assert c.data.max_prompt_length == 150
+    config_lib.validate(load_default_config(), num_devices=8)
+
+
+def test_the_recipes_share_one_table(monkeypatch):
+    """configs/default.py and the front door take their shared values from one place
+    (tr_align.defaults.RECIPE, built by config.recipe_base): a change there reaches both."""
+    from conftest import load_default_config
+    from tr_align import defaults, frontdoor
+
+    monkeypatch.setitem(defaults.RECIPE, "optimizer.b2", 0.95)
+    monkeypatch.setitem(defaults.RECIPE, "data.on_bad_row", "error")
+    monkeypatch.setitem(defaults.DEFAULTS, "loss.rpo_alpha", defaults.Default(0.25, "test"))
+    for c in (load_default_config(), frontdoor.base_config("dpo"), frontdoor.base_config("sft")):
+        assert (c.optimizer.b2, c.data.on_bad_row, c.loss.rpo_alpha) == (0.95, "error", 0.25)

@@ -104,6 +104,62 @@ def test_implicit_prompt_chat_pairs_are_ultrafeedback_and_unknown_records_one_li
         frontdoor.detect_format([({"question": "q", "answer": "a"}, "x.jsonl:1")])
 
 
+# --- the base config ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dpo", "sft"])
+def test_the_base_config_before_the_model_and_data(method):
+    """``base_config``: the recipes' shared values (as configs/default.py has them) with the
+    front door's (TRL's defaults, written here by hand), no from-scratch model sizes and no
+    synthetic task keys."""
+    c = frontdoor.base_config(method)
+    assert dict(c.model) == {"pretrained": "", "dtype": "float32", "remat": "none"}
+    assert (c.data.source, c.data.path, c.data.format, c.data.split) == (
+        "files",
+        "",
+        "generic",
+        "train",
+    )
+    assert (c.data.eval_fraction, c.data.max_length, c.data.max_prompt_length) == (0.1, 1024, 512)
+    assert dict(c.data.fields) == {
+        k: k for k in ("prompt", "chosen", "rejected", "completion", "label")
+    }
+    assert (c.data.packing, c.data.group_window, c.data.on_bad_row) == ("prefix_shared", 16, "skip")
+    assert not {"num_train", "num_eval", "min_prompt_len", "max_prompt_len", "response_len"} & set(
+        c.data
+    )
+    t = c.train
+    assert (t.steps, t.epochs, t.batch_size, t.eval_batch_size, t.seed) == (1, 0.0, 8, 8, 42)
+    assert (t.log_every_steps, t.eval_every_steps, t.max_bad_steps) == (1, 1, 10)
+    o = c.optimizer
+    assert (o.learning_rate, o.warmup_steps, o.schedule) == (
+        2e-5 if method == "sft" else 1e-6,
+        0,
+        "linear",
+    )
+    assert (o.end_lr_factor, o.weight_decay, o.b1, o.b2, o.eps, o.max_grad_norm) == (
+        0.0,
+        0.0,
+        0.9,
+        0.999,
+        1e-8,
+        1.0,
+    )
+    assert (c.loss.type, c.loss.beta, c.loss.label_smoothing, c.loss.discopop_tau) == (
+        "sft" if method == "sft" else "sigmoid",
+        0.1,
+        0.0,
+        0.05,
+    )
+    assert (c.trust_region.enabled, c.trust_region.alpha, c.trust_region.tau) == (
+        method != "sft",
+        0.6,
+        1,
+    )
+    assert (c.mesh.data, c.checkpoint.every_steps, c.checkpoint.max_to_keep) == (-1, 1, 2)
+    assert c.logging.wandb is False  # --logging.wandb=true is a key the front door takes
+
+
 # --- defaults that fit the data ----------------------------------------------------------------
 
 
@@ -225,6 +281,55 @@ def test_overrides_are_typed_and_unknown_keys_one_line(tmp_path):
         _prepare(model=str(LLAMA), data=data)
     with pytest.raises(DataError, match="nope.jsonl: no such file"):
         _prepare(model=str(LLAMA), data=str(tmp_path / "nope.jsonl"), workdir="w")
+
+
+def _count_reads(monkeypatch):
+    """Every ``sources.load_records`` call (the front door's and the pipeline's) as
+    ``(path, split)``."""
+    calls, real = [], sources.load_records
+
+    def counting(source, path, split="train", **kw):
+        calls.append((path, split))
+        return real(source, path, split, **kw)
+
+    monkeypatch.setattr(sources, "load_records", counting)
+    return calls
+
+
+def test_the_data_file_is_read_once(tmp_path, monkeypatch):
+    """``prepare`` reads the file to detect the format and count the rows; ``run`` hands those
+    records on, so the data pipeline behind the loop reads no file again (the loop is a
+    stand-in here that loads the data as ``loop.build`` does; the slow in-process run below
+    goes through the real one)."""
+    from tr_align.data import pipeline
+    from tr_align.training import loop
+
+    reads = _count_reads(monkeypatch)
+    data = _write_jsonl(tmp_path / "my.jsonl", _pairs(15))
+    plan = _prepare(
+        model=str(LLAMA),
+        data=data,
+        workdir=str(tmp_path / "run"),
+        overrides={"data.cache_dir": str(tmp_path / "cache")},
+    )
+    assert reads == [(data, "train")]
+    loaded = {}
+
+    def loop_run(config, workdir, *, records=None, **kw):
+        given = {} if records is None else {"records": records}  # None: the pipeline reads
+        loaded["data"], _ = pipeline.from_config(config, vocab_size=384, progress=False, **given)
+        return {"signal": "SIGTERM", "step": 0, "total_steps": config.train.steps}
+
+    monkeypatch.setattr(loop, "run", loop_run)
+    frontdoor.run(plan, progress=False)
+    assert reads == [(data, "train")]  # not read again
+    report = loaded["data"].report
+    # 15 rows: round(0.1 * 15) = 2 held out, 13 train (as read from the file)
+    assert (report["records_read"], report["train_examples"], report["eval_examples"]) == (
+        15,
+        13,
+        2,
+    )
 
 
 # --- the TRL YAML ------------------------------------------------------------------------------
@@ -411,7 +516,7 @@ def test_front_door_trains_exports_and_generate_answers(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_trl_yaml_run_in_process(tiny_llama, tmp_path):
+def test_trl_yaml_run_in_process(tiny_llama, tmp_path, monkeypatch):
     """The TRL-written DPO YAML, with the model and data given on the command line (they
     win over model_name_or_path / dataset_name): trains with its settings and exports."""
     data = _write_jsonl(tmp_path / "d.jsonl", _pairs(12))
@@ -423,6 +528,7 @@ def test_trl_yaml_run_in_process(tiny_llama, tmp_path):
             f"--workdir={tmp_path / 'run'}",
         ]
     )
+    reads = _count_reads(monkeypatch)
     plan = frontdoor.prepare("dpo", options, overrides, num_devices=1)
     c = plan.config
     # 12 rows: 1 held out, 11 train; batch 2 x 2 accumulation = 4; 2 epochs: 22 // 4 = 5 steps
@@ -430,6 +536,7 @@ def test_trl_yaml_run_in_process(tiny_llama, tmp_path):
     assert (c.optimizer.warmup_steps, c.trust_region.tau, c.loss.beta) == (1, 2, 0.05)
     summary = frontdoor.run(plan, progress=False, devices=jax.devices()[:1])
     assert summary["step"] == 5 and summary["train"]["ref/updates"] == 2  # steps 2 and 4
+    assert reads == [(data, "train")]  # read once: the loop's data pipeline took prepare's
     assert (tmp_path / "run" / "hf" / "tokenizer.json").exists()
 
 

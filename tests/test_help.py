@@ -22,7 +22,8 @@ OWN_FLAGS = {
     "frontier": ["--config", "--workdir"],
     "bench": ["--config", "--out", "--steps", "--warmup", "--modes", "--memory", "--seq_len"],
     "plan": ["--config", "--model", "--devices", "--tpu", "--mesh", "--hbm", "--out"],
-    "toy": ["--workdir", "--seeds", "--steps", "--methods", "--model", "--lr", "--hard_tau"],
+    "toy": ["--workdir", "--seeds", "--steps", "--methods", "--model", "--lr", "--hard_tau",
+            "--soft_alpha", "--soft_tau", "--lora_rank", "--lora_alpha", "--lora_mode"],
 }
 # The front door (tr_align.frontdoor): its own usage, flags and the config keys it sets.
 FRONT_DOOR = ("dpo", "ipo", "kto", "sft")  # sft with --config: the train flags

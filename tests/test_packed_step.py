@@ -68,10 +68,29 @@ def _config(tiny_config, preset="tr-soft", **overrides):
     return tiny_config(preset, **{"optimizer.learning_rate": 3e-3, **overrides})
 
 
+# One paired loss per way the step's log-probs reach it. A paired loss sees the layout only
+# through ``objectives.Logps`` (the per-sequence policy / reference log-probs the step
+# computes, summed or, for ``losses.uses_average_logps`` types, length-averaged), so the
+# layout-dependent code is the same for every type with the same inputs; the losses
+# themselves are checked against TRL's formulas type by type in test_losses. Kept: summed
+# (sigmoid), averaged (ipo; sigmoid_norm takes the same path), kto_pair (2E per-example
+# terms), aot and aot_unpaired (sort across the batch, so they see the pair order); the
+# other types (hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down,
+# discopop, sigmoid_norm) are elementwise functions of the same summed or averaged inputs.
+LAYOUT_PATH_LOSSES = ("sigmoid", "ipo", "kto_pair", "aot", "aot_unpaired")
+
+
+def test_layout_path_losses_are_loss_types_and_cover_both_logps_kinds():
+    assert set(LAYOUT_PATH_LOSSES) <= set(losses.LOSS_TYPES)
+    assert {losses.uses_average_logps(t) for t in LAYOUT_PATH_LOSSES} == {True, False}
+    assert set(losses.AVERAGED_LOSSES) == {"ipo", "sigmoid_norm"}  # one path, ipo covers it
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type", (*losses.LOSS_TYPES, "kto", "sft"))
+@pytest.mark.parametrize("loss_type", (*LAYOUT_PATH_LOSSES, "kto", "sft"))
 def test_every_loss_trains_the_same_prefix_shared(tiny_config, loss_type):
-    """prefix_shared for every objective (``packed`` for sigmoid, KTO and SFT below)."""
+    """prefix_shared for every objective (KTO, SFT) and every way a paired loss takes its
+    log-probs (``LAYOUT_PATH_LOSSES``; ``packed`` for sigmoid, KTO and SFT below)."""
     config = _config(tiny_config, **{"loss.type": loss_type})
     devices = jax.devices()[:1]
     _assert_same(_run(config, "prefix_shared", 2, devices), _run(config, "none", 2, devices))

@@ -44,7 +44,10 @@ Commands:
           vs their TR variants over several seeds): writes DIR/toy_results.json and
           DIR/toy_overoptimization.png and prints the tables:
           tr-align toy --workdir=DIR [--seeds=5] [--steps=500] [--methods=DPO,TR-DPO-soft]
-          [--model=mlp|llama] [--lr=1e-4] [--beta=0.1] [--hard_tau=50]
+          [--model=mlp|llama] [--lr=1e-4] [--beta=0.1] [--hard_tau=50] [--soft_alpha=0.6]
+          [--soft_tau=1] [--lora_rank=0] [--lora_alpha=8] [--lora_mode=factors|merged]
+          (LoRA on pi_sft when --lora_rank > 0; TR runs also report the factor reference's
+          drift from the exact one)
 
 Run ``tr-align COMMAND --help`` for a command's flags and, where it reads --config, the config
 keys with their values and meanings.
@@ -796,6 +799,22 @@ def _toy(argv) -> None:
     flags.DEFINE_float("lr", d.lr, "Adam learning rate of the preference optimization.")
     flags.DEFINE_float("beta", d.beta, "beta of every loss.")
     flags.DEFINE_integer("hard_tau", d.hard_tau, "Hard TR: copy the policy every hard_tau steps.")
+    flags.DEFINE_float("soft_alpha", d.soft_alpha, "Soft TR: the reference's mixing weight.")
+    flags.DEFINE_integer(
+        "soft_tau", d.soft_tau, "Soft TR: update the reference every soft_tau steps."
+    )
+    flags.DEFINE_integer(
+        "lora_rank", d.lora_rank, "> 0: train LoRA adapters of this rank on pi_sft; 0 = off."
+    )
+    flags.DEFINE_float(
+        "lora_alpha", d.lora_alpha, "LoRA scale numerator: W + (lora_alpha / rank) A @ B."
+    )
+    flags.DEFINE_string(
+        "lora_mode",
+        d.lora_mode,
+        "LoRA: the TR reference that drives the loss: factors (EMA of A and B) or merged "
+        "(exact EMA of the delta); the other one is replayed for the drift.",
+    )
     FLAGS = flags.FLAGS
 
     def body():
@@ -806,6 +825,11 @@ def _toy(argv) -> None:
             lr=FLAGS.lr,
             beta=FLAGS.beta,
             hard_tau=FLAGS.hard_tau,
+            soft_alpha=FLAGS.soft_alpha,
+            soft_tau=FLAGS.soft_tau,
+            lora_rank=FLAGS.lora_rank,
+            lora_alpha=FLAGS.lora_alpha,
+            lora_mode=FLAGS.lora_mode,
         )
         settings.validate()
         unknown = [m for m in FLAGS.methods if m not in toy.METHODS]

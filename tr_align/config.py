@@ -15,11 +15,12 @@ import math
 import os
 import re
 
+import ml_collections
 from absl import logging
 
-from tr_align import dtypes, lora, losses, sharding
+from tr_align import dtypes, lora, losses, sharding, trust_region
 from tr_align.data import formats, synthetic
-from tr_align.defaults import DEFAULTS, RECIPE_KEYS
+from tr_align.defaults import DEFAULTS, RECIPE, RECIPE_KEYS
 from tr_align.defaults import get as get_optional
 from tr_align.defaults import plain as defaults_plain
 from tr_align.errors import ConfigError
@@ -108,6 +109,53 @@ def load_config_file(path: str, preset: str | None = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(preset) if preset else module.get_config()
+
+
+# The blocks of a training config, in the order a recipe lists them (``recipe_base``).
+RECIPE_BLOCKS = (
+    "model",
+    "data",
+    "train",
+    "optimizer",
+    "loss",
+    "trust_region",
+    "mesh",
+    "checkpoint",
+    "logging",
+)
+
+
+def recipe_base(preset: str | None = None) -> ml_collections.ConfigDict:
+    """The config the built-in recipes start from (``configs/default.py`` and the front door,
+    ``frontdoor.base_config``, set their own keys on it), built from the defaults tables alone:
+    every block of ``RECIPE_BLOCKS`` with each optional key of ``DEFAULTS`` in it at its
+    default (but ``optimizer.schedule_extensions``, which a resume writes; ``lora`` is a LoRA
+    recipe's block), the shared values of ``defaults.RECIPE``, ``data.max_prompt_length`` half
+    of ``data.max_length`` (a reference: it follows an override of ``data.max_length`` unless
+    set itself) and the trust region of ``trust_region.PRESETS[preset]`` (default tr-soft).
+
+    What it leaves out is the recipe's own: the model (its sizes from scratch), data.source
+    (the synthetic task's keys), data.eval_fraction (the table's 0.0 until set), and the run's
+    length, batch, seed, eval cadence, learning rate, warmup and checkpoint cadence
+    (``REQUIRED_KEYS``; ``validate`` names any a recipe forgets).
+    """
+    if preset is not None and preset not in trust_region.PRESETS:
+        raise ConfigError(
+            f"unknown preset {preset!r}; expected one of {sorted(trust_region.PRESETS)}"
+        )
+    blocks: dict = {block: {} for block in RECIPE_BLOCKS}
+    for key, default in DEFAULTS.items():
+        block, _, name = key.partition(".")
+        if block in blocks and key != "optimizer.schedule_extensions":
+            blocks[block][name] = default.value
+    for key, value in RECIPE.items():
+        block, _, name = key.partition(".")
+        blocks[block][name] = value
+    blocks["data"]["max_length"] = ml_collections.FieldReference(RECIPE["data.max_length"])
+    blocks["trust_region"].update(trust_region.PRESETS[preset or "tr-soft"])
+    c = ml_collections.ConfigDict(blocks)
+    c.data.max_prompt_length = c.data.get_ref("max_length") // 2
+    return c
 
 
 def unknown_key(config, key: str) -> str | None:

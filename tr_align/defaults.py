@@ -8,7 +8,9 @@ inline ``.get(key, default)``. Required keys (``config.REQUIRED_KEYS``) have no 
 ``RECIPE_KEYS`` gives the keys a recipe sets itself (the required keys, the model's sizes
 from scratch, the synthetic task and the real-data keys) their meaning line, so that
 ``meaning`` answers for every key of ``configs/default.py`` and ``tr-align COMMAND --help``
-lists a config's keys from this module alone (``describe_keys``).
+lists a config's keys from this module alone (``describe_keys``). ``RECIPE`` holds the values
+the built-in recipes share (``tr_align.config.recipe_base`` builds their configs from it and
+``DEFAULTS``).
 
 This module imports nothing from the package, so every module can read the table (the
 config checks in ``tr_align.config`` import the model loaders, which read it too).
@@ -44,7 +46,7 @@ DEFAULTS: dict[str, Default] = {
         "regexes (full match) over parameter paths; default: the attention and MLP projections",
     ),
     "lora.base_dtype": Default("float32", "storage dtype of the frozen base (bfloat16 halves it)"),
-    "train.epochs": Default(0, "> 0: run this many epochs of the data instead of train.steps"),
+    "train.epochs": Default(0.0, "> 0: run this many epochs of the data instead of train.steps"),
     "train.grad_accum_steps": Default(1, "microbatches per step inside the jitted step"),
     "train.logps_chunk_size": Default(0, "> 0: log-probs this many positions at a time; 0 = off"),
     "train.max_bad_steps": Default(
@@ -85,7 +87,7 @@ DEFAULTS: dict[str, Default] = {
         "| keep_end (the prompt loses its start)",
     ),
     "data.eval_split": Default("", "held-out split; '' = hold out data.eval_fraction"),
-    "data.eval_fraction": Default(0, "held-out share of data.split; required without eval_split"),
+    "data.eval_fraction": Default(0.0, "held-out share of data.split; required without eval_split"),
     "data.buckets": Default((), "padded lengths; () = powers of two up to data.max_length"),
     "data.group_by_length": Default(False, "batches of similar lengths (less padding)"),
     "data.group_window": Default(0, "batches per length-sorted window (group_by_length)"),
@@ -158,6 +160,46 @@ RECIPE_KEYS: dict[str, str] = {
     "mesh.data": "data-parallel devices (-1 = all the others)",
     "mesh.fsdp": "fully sharded data-parallel devices (parameters sharded)",
     "mesh.tensor": "tensor-parallel devices",
+}
+
+# The values every built-in recipe starts from (``tr_align.config.recipe_base``, on which
+# configs/default.py and the front door set their own): of the keys above that all of them
+# share, and of the optional keys whose recipe value is not the table's (a recipe that leaves
+# one of those out means the table's). ``data.max_prompt_length`` is half of
+# ``data.max_length`` (following an override of it), the trust region a preset of
+# ``tr_align.trust_region.PRESETS``; the rest of a recipe is its own (the model, the data
+# source, the run's length, batch, seed, cadences, learning rate and warmup).
+RECIPE: dict[str, Any] = {
+    "data.path": "",
+    "data.format": "generic",
+    "data.fields": {
+        "prompt": "prompt",
+        "chosen": "chosen",
+        "rejected": "rejected",
+        "completion": "completion",
+        "label": "label",
+    },
+    "data.split": "train",
+    "data.max_length": 1024,  # TRL's max_length
+    "data.group_window": 16,
+    "data.on_bad_row": "skip",
+    "data.cache_dir": "",
+    "train.log_every_steps": 1,
+    "optimizer.schedule": "linear",
+    "optimizer.end_lr_factor": 0.0,
+    "optimizer.weight_decay": 0.0,
+    "optimizer.b1": 0.9,
+    "optimizer.b2": 0.999,
+    "optimizer.eps": 1e-8,
+    "optimizer.max_grad_norm": 1.0,
+    "loss.type": "sigmoid",
+    "loss.beta": 0.1,
+    "loss.label_smoothing": 0.0,
+    "loss.discopop_tau": 0.05,
+    "mesh.data": -1,
+    "mesh.fsdp": 1,
+    "mesh.tensor": 1,
+    "checkpoint.max_to_keep": 2,
 }
 
 # tr-align frontier's config (configs/frontier.py; its ``base`` block is a configs/default.py

@@ -92,6 +92,9 @@ class Plan:
     config: ml_collections.ConfigDict
     workdir: str
     lines: list[str]  # what was chosen, and why (printed before training)
+    # the records of data.split as prepare read them: ``run`` hands them to the data pipeline,
+    # so that the file is read and parsed once (None: the pipeline reads it)
+    records: list | None = None
 
 
 # ------------------------------------------------------------------------- arguments
@@ -140,80 +143,29 @@ def parse_args(args) -> tuple[dict, dict]:
 
 
 def base_config(method: str) -> ml_collections.ConfigDict:
-    """The front door's config before the model and the data are known: every key of
-    ``configs/default.py`` (plus any optional key of ``tr_align.defaults``), with defaults that
-    suit a pretrained model (``FRONT_DOOR_DEFAULTS``); ``prepare`` sets the rest."""
+    """The front door's config before the model and the data are known: the recipes' base
+    (``config.recipe_base``, which ``configs/default.py`` starts from too) with defaults that
+    suit a pretrained model on real data (``FRONT_DOOR_DEFAULTS``); ``prepare`` sets the rest
+    (``model.pretrained``, ``data.path``, the batch, the run's length, cadences, lengths)."""
     if method not in METHODS:
         raise ConfigError(f"{method!r}: expected one of {', '.join(METHODS)}")
     d = FRONT_DOOR_DEFAULTS
-    c = ml_collections.ConfigDict()
-    c.model = dict(pretrained="", dtype="float32", remat="none")
-    c.data = dict(
-        source="files",
-        path="",
-        format="generic",
-        fields=dict(
-            prompt="prompt",
-            chosen="chosen",
-            rejected="rejected",
-            completion="completion",
-            label="label",
-        ),
-        split="train",
-        eval_split="",
-        eval_fraction=d["eval_fraction"],
-        data_dir="",
-        tokenizer="",
-        chat_template="",
-        max_length=d["max_length"],
-        max_prompt_length=d["max_length"] // 2,
-        buckets=(),
-        group_by_length=False,
-        group_window=16,
-        packing="prefix_shared",
-        pack_length=0,
-        on_bad_row="skip",
-        cache_dir="",
+    c = config_lib.recipe_base()
+    c.trust_region.update(TR_MODES["soft"] if method != "sft" else TR_MODES["off"])
+    c.data.update(dict(source="files", eval_fraction=d["eval_fraction"]))
+    c.data.max_length = d["max_length"]  # data.max_prompt_length: half of it
+    c.train.update(
+        dict(
+            steps=1,
+            batch_size=d["batch_size"],
+            eval_batch_size=d["batch_size"],
+            seed=d["seed"],
+            eval_every_steps=1,
+        )
     )
-    c.train = dict(
-        steps=1,
-        epochs=0.0,
-        batch_size=d["batch_size"],
-        eval_batch_size=d["batch_size"],
-        seed=d["seed"],
-        log_every_steps=1,
-        eval_every_steps=1,
-        grad_accum_steps=1,
-        logps_chunk_size=0,
-        max_bad_steps=10,
-    )
-    c.optimizer = dict(
-        learning_rate=d["learning_rate"][method],
-        warmup_steps=0,
-        schedule="linear",
-        end_lr_factor=0.0,
-        weight_decay=0.0,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        max_grad_norm=1.0,
-    )
-    c.loss = dict(
-        type=METHODS[method],
-        beta=0.1,
-        label_smoothing=0.0,
-        discopop_tau=0.05,
-        desirable_weight=1.0,
-        undesirable_weight=1.0,
-    )
-    c.trust_region = dict(TR_MODES["soft"] if method != "sft" else TR_MODES["off"])
-    c.trust_region.ref_dtype = "float32"
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=())
-    c.checkpoint = dict(every_steps=1, max_to_keep=2, async_save=False, timeout_s=1200)
-    for key, default in defaults.DEFAULTS.items():  # optional keys added since (e.g. loss.*)
-        block, _, name = key.rpartition(".")
-        if key != "optimizer.schedule_extensions" and block in c and name not in c[block]:
-            c[block][name] = default.value
+    c.optimizer.update(dict(learning_rate=d["learning_rate"][method], warmup_steps=0))
+    c.loss.type = METHODS[method]
+    c.checkpoint.every_steps = 1
     return c
 
 
@@ -400,8 +352,9 @@ def hard_tau(steps: int) -> int:
 
 def prepare(method: str, options: dict, overrides: dict, *, num_devices: int | None = None):
     """The ``Plan`` of ``tr-align METHOD`` with ``options`` / ``overrides`` (``parse_args``):
-    reads the records once to detect their format and count them, then sets the batch,
-    the run's length, warmup, eval split, lengths and the trust region to fit them."""
+    reads the records once to detect their format and count them (kept in ``Plan.records``
+    for the data pipeline, which reads no file again), then sets the batch, the run's length,
+    warmup, eval split, lengths and the trust region to fit them."""
     if num_devices is None:
         import jax
 
@@ -605,18 +558,21 @@ def prepare(method: str, options: dict, overrides: dict, *, num_devices: int | N
         f"{config.data.max_length} (prompt {config.data.max_prompt_length})",
     )
     lines += [f"  note: {n}" for n in notes]
-    return Plan(config=config, workdir=workdir, lines=lines)
+    return Plan(config=config, workdir=workdir, lines=lines, records=records)
 
 
 def run(plan: Plan, *, progress: bool = True, devices=None) -> dict:
-    """Trains ``plan`` with the training loop (resuming a run in ``plan.workdir``) and, when
-    the run reached its last step, exports the policy with its tokenizer to WORKDIR/hf.
-    Returns the loop's summary (with ``"export"``: the exported directory)."""
+    """Trains ``plan`` with the training loop (resuming a run in ``plan.workdir``; the data
+    pipeline starts from ``plan.records``, the records ``prepare`` read) and, when the run
+    reached its last step, exports the policy with its tokenizer to WORKDIR/hf. Returns the
+    loop's summary (with ``"export"``: the exported directory)."""
     from tr_align.io import export
     from tr_align.training import loop
 
     print("\n".join(plan.lines), flush=True)
-    summary = loop.run(plan.config, plan.workdir, progress=progress, devices=devices)
+    summary = loop.run(
+        plan.config, plan.workdir, progress=progress, devices=devices, records=plan.records
+    )
     if summary.get("signal") or summary["step"] < summary["total_steps"]:
         return summary
     out = os.path.join(plan.workdir, HF_DIR)

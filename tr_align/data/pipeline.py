@@ -82,9 +82,10 @@ def synthetic_data(data_cfg, *, vocab_size: int, seed: int) -> Data:
     )
 
 
-def from_config(config, *, vocab_size: int, progress: bool = True):
+def from_config(config, *, vocab_size: int, progress: bool = True, records=None):
     """(Data, tokenizer) of ``config.data``: the synthetic task (tokenizer None; split into
-    unpaired examples for the ``kto`` loss) or real data through ``load``."""
+    unpaired examples for the ``kto`` loss) or real data through ``load`` (``records``: see
+    there)."""
     if config.data.source == "synthetic":
         data = synthetic_data(config.data, vocab_size=vocab_size, seed=config.train.seed)
         if is_unpaired(config.loss):
@@ -93,7 +94,7 @@ def from_config(config, *, vocab_size: int, progress: bool = True):
             )
         return data, None
     tokenizer = load_tokenizer(config)
-    return load(config, tokenizer, progress=progress), tokenizer
+    return load(config, tokenizer, progress=progress, records=records), tokenizer
 
 
 def _convert(records, fmt, fields, on_bad_row, counts: Counter, first_bad=None):
@@ -152,8 +153,13 @@ def _length_stats(data: tokenize.TokenizedSet) -> dict:
     }
 
 
-def load(config, tokenizer, *, progress: bool = True) -> Data:
-    """Builds the train/eval ``Data`` of ``config.data`` (``source != 'synthetic'``)."""
+def load(config, tokenizer, *, progress: bool = True, records=None) -> Data:
+    """Builds the train/eval ``Data`` of ``config.data`` (``source != 'synthetic'``).
+
+    ``records``: the records of ``data.split`` when the caller has read them already
+    (``sources.load_records`` of ``data.source`` / ``data.path`` / ``data.data_dir``: the front
+    door reads them to detect the format), so that the files are read and parsed once; None
+    reads them here. ``data.eval_split`` is always read here."""
     cfg = config.data
     fields = None  # field names apply to the generic formats only
     if cfg.format in ("generic", "kto") and defaults.get(config, "data.fields"):
@@ -161,10 +167,15 @@ def load(config, tokenizer, *, progress: bool = True) -> Data:
     unpaired = is_unpaired(config.loss)
     counts = {"train": Counter(), "eval": Counter()}
 
+    given = records
+
     def read(split, which):
-        records = sources.load_records(
-            cfg.source, cfg.path, split, data_dir=defaults.get(config, "data.data_dir") or None
-        )
+        if given is not None and split == cfg.split:
+            records = given
+        else:
+            records = sources.load_records(
+                cfg.source, cfg.path, split, data_dir=defaults.get(config, "data.data_dir") or None
+            )
         first_bad = []
         pairs = _convert(records, cfg.format, fields, cfg.on_bad_row, counts[which], first_bad)
         if not pairs:

@@ -35,6 +35,20 @@ Setup (every setting is a field of ``ToySettings``; the defaults are the run in 
   (the ``tr-soft`` preset); hard TR = alpha 1 with ``hard_tau`` (default 50: the paper's
   presets use tau 32-512 for runs of thousands of steps; 50 gives 10 hard copies in 500
   steps).
+* LoRA (``lora_rank`` > 0; off by default): the base is pi_sft, frozen; the trainable
+  parameters are ``tr_align.lora.Lora`` adapters of rank ``lora_rank`` and scale
+  ``lora_alpha / lora_rank`` on the 2-D Dense kernels ``LORA_TARGETS`` selects: the MLP's
+  ``fc1``, ``fc2`` and ``out`` kernels (not the embeddings nor the biases); the Llama's
+  attention and MLP projections ``q/k/v/o_proj`` and ``gate/up/down_proj`` (the library's
+  default targets; not the embedding nor ``lm_head``). A starts uniform in +-1/sqrt(in)
+  (its own key per seed), B at zero, so every LoRA run starts at pi_sft. Vanilla: the
+  reference is pi_sft. Soft / hard TR: the reference is pi_sft + a reference delta, updated
+  by ``tr_align.lora.LoraReferenceUpdate`` in ``lora_mode`` (``"factors"``: the EMA of A
+  and B separately; ``"merged"``: the exact EMA of the dense delta), which drives the loss;
+  the other mode's reference is updated from the same policy trajectory alongside ("same
+  policy" replay, as ``benchmarks/lora_drift.py``), so every TR run also tracks, per step,
+  ``drift = ||D_ref(factors) - D_ref(exact)||_F / ||D_ref(exact)||_F`` over all target
+  matrices (0 where both are 0, at step 0) and ``ref_delta_norm = ||D_ref(exact)||_F``.
 * Seeds (5) vary the policy initialisation (and hence pi_sft). Tracked exactly after every step:
   p(chosen), p(rejected), P_OOD, KL(pi || pi_sft) = sum_y pi(y) (log pi(y) - log pi_sft(y)),
   and the loss. Results are reported at matched steps and at matched KL to pi_sft (values
@@ -50,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import numbers
 import os
 import time
 
@@ -59,7 +74,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from tr_align import losses, trust_region
+from tr_align import lora, losses, trust_region
 from tr_align.errors import ConfigError
 from tr_align.models import llama
 
@@ -76,6 +91,16 @@ METHODS: dict[str, tuple[str, str]] = {
     "TR-KTO-pair-hard": ("kto_pair", "hard"),
 }
 TRACKED = ("p_chosen", "p_rejected", "p_ood", "kl_to_sft", "loss")
+# LoRA runs of a soft / hard TR method also track these (see the module docstring).
+LORA_TRACKED = ("drift", "ref_delta_norm")
+# The steps of the drift table (those <= steps).
+DRIFT_STEPS = (10, 50, 100, 250, 500)
+# model -> the LoRA targets (regexes, full match over "/"-joined parameter paths): every
+# 2-D Dense kernel of the network except the embeddings and the Llama's head.
+LORA_TARGETS = {
+    "mlp": (r"(fc1|fc2|out)/kernel",),
+    "llama": lora.DEFAULT_TARGETS,  # layers_N/(self_attn|attention|mlp)/*/kernel
+}
 
 DEFAULT_PAIRS = (
     # (chosen, rejected): chosen counts up by 1 mod 4, rejected breaks the rule once.
@@ -107,6 +132,9 @@ class ToySettings:
     hard_tau: int = 50
     seeds: int = 5
     kl_targets: tuple = (1.0, 2.0, 5.0)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on pi_sft (frozen); 0 = off
+    lora_alpha: float = 8.0  # LoRA scale numerator: W_eff = W + (lora_alpha / rank) A @ B
+    lora_mode: str = "factors"  # the reference that drives a TR run: "factors" or "merged"
 
     def validate(self) -> None:
         for c, r in self.pairs:
@@ -127,6 +155,15 @@ class ToySettings:
             raise ConfigError(f"toy: steps={self.steps} and seeds={self.seeds} must be >= 1")
         trust_region.validate(self.soft_alpha, self.soft_tau)
         trust_region.validate(1.0, self.hard_tau)
+        rank, alpha = self.lora_rank, self.lora_alpha
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ConfigError(f"toy: lora_rank={rank!r}; expected an integer >= 0")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
+            raise ConfigError(f"toy: lora_alpha={self.lora_alpha!r}; expected a number > 0")
+        if self.lora_mode not in lora.MODES:
+            raise ConfigError(
+                f"toy: lora_mode={self.lora_mode!r}; expected one of {', '.join(lora.MODES)}"
+            )
 
 
 class Policy(nn.Module):
@@ -290,31 +327,41 @@ def make_sft(s: ToySettings):
     return jax.jit(jax.vmap(one))
 
 
+def _pair_loss(s: ToySettings, loss_type: str, d: _Data, logp, ref_logp) -> jax.Array:
+    """The mean preference loss over the data's pairs from the log-probs of every sequence
+    (length-averaged, as TRL does, for ``losses.uses_average_logps`` types)."""
+    scale = 1.0 / s.length if losses.uses_average_logps(loss_type) else 1.0
+    per_example, _, _ = losses.preference_loss(
+        loss_type,
+        scale * logp[d.chosen],
+        scale * logp[d.rejected],
+        scale * ref_logp[d.chosen],
+        scale * ref_logp[d.rejected],
+        beta=s.beta,
+    )
+    return per_example.mean()
+
+
 def make_train(s: ToySettings, method: str):
     """Jitted: pi_sft params (stacked over seeds) -> (curves, policy, reference).
 
     curves: {name in TRACKED: [S, steps + 1]}; column 0 is pi_sft itself, column k the policy
     after k optimizer steps. policy, reference: the final parameters (stacked over seeds);
     the reference of a vanilla method is pi_sft, never updated.
+
+    With ``s.lora_rank`` > 0 it is ``make_lora_train`` (a different signature).
     """
+    if s.lora_rank:
+        return make_lora_train(s, method)
     loss_type, mode = METHODS[method]
     _, apply_fn = make_policy(s)
     d = _data(s)
     seqs = jnp.asarray(d.seqs)
     tx = optax.adam(s.lr)
-    scale = 1.0 / s.length if losses.uses_average_logps(loss_type) else 1.0
 
     def loss_fn(params, ref_logp):
         logp = all_logps(apply_fn, params, seqs, s.vocab)
-        per_example, _, _ = losses.preference_loss(
-            loss_type,
-            scale * logp[d.chosen],
-            scale * logp[d.rejected],
-            scale * ref_logp[d.chosen],
-            scale * ref_logp[d.rejected],
-            beta=s.beta,
-        )
-        return per_example.mean(), logp
+        return _pair_loss(s, loss_type, d, logp, ref_logp), logp
 
     def one(sft_params):
         logp_sft = all_logps(apply_fn, sft_params, seqs, s.vocab)
@@ -344,6 +391,105 @@ def make_train(s: ToySettings, method: str):
         last["loss"] = loss
         curves = {k: jnp.concatenate([per_step[k], last[k][None]]) for k in TRACKED}
         return curves, params, ref
+
+    return jax.jit(jax.vmap(one))
+
+
+def toy_lora(s: ToySettings, mode: str | None = None) -> lora.Lora:
+    """The ``Lora`` of a LoRA toy run: rank, alpha, ``LORA_TARGETS[s.model]``, and ``mode``
+    (default ``s.lora_mode``) for its reference."""
+    return lora.Lora(
+        rank=int(s.lora_rank),
+        alpha=float(s.lora_alpha),
+        targets=tuple(LORA_TARGETS[s.model]),
+        mode=mode or s.lora_mode,
+    )
+
+
+def lora_keys(s: ToySettings) -> jax.Array:
+    """The per-seed keys of the adapters' initialisation (A; B is zero)."""
+    return jax.random.split(jax.random.key(1), s.seeds)
+
+
+def _sq_norm(deltas: dict) -> jax.Array:
+    return sum((jnp.sum(jnp.square(d)) for d in deltas.values()), jnp.zeros((), jnp.float32))
+
+
+def reference_drift(factors: dict, exact: dict) -> tuple[jax.Array, jax.Array]:
+    """(drift, norm) of two {target path: reference delta} dicts: norm = ||exact||_F and
+    drift = ||factors - exact||_F / norm over all targets; 0 / 0 is 0 (step 0), x / 0 inf."""
+    num = jnp.sqrt(_sq_norm({p: factors[p] - exact[p] for p in exact}))
+    den = jnp.sqrt(_sq_norm(exact))
+    return jnp.where(num == 0, 0.0, num / den), den
+
+
+def make_lora_train(s: ToySettings, method: str):
+    """Jitted: (pi_sft params, adapter keys [S]) -> (curves, adapters, references), all
+    stacked over seeds; the LoRA version of ``make_train`` (``s.lora_rank`` > 0).
+
+    The policy is ``Lora.policy(pi_sft, adapters)`` (pi_sft frozen, the adapters trained,
+    B = 0 at step 0). curves: TRACKED and, for a soft / hard TR method, LORA_TRACKED
+    ({name: [S, steps + 1]}, column k after k optimizer steps). references: None for a
+    vanilla method (the reference is pi_sft); else {"factors": the reference adapters,
+    "merged": the dense reference deltas, one [in, out] leaf per target in the base's
+    nesting}: the one of ``s.lora_mode`` drove the loss, the other followed the same policy
+    trajectory.
+    """
+    loss_type, mode = METHODS[method]
+    _, apply_fn = make_policy(s)
+    d = _data(s)
+    seqs = jnp.asarray(d.seqs)
+    tx = optax.adam(s.lr)
+    los = {m: toy_lora(s, m) for m in lora.MODES}
+    drive = los[s.lora_mode]
+    alpha, tau = (s.soft_alpha, s.soft_tau) if mode == "soft" else (1.0, s.hard_tau)
+    updates = {m: lora.LoraReferenceUpdate(alpha=alpha, tau=tau, lora=lo) for m, lo in los.items()}
+
+    def loss_fn(adapters, base, ref_logp):
+        logp = all_logps(apply_fn, drive.policy(base, adapters), seqs, s.vocab)
+        return _pair_loss(s, loss_type, d, logp, ref_logp), logp
+
+    def ref_logps(base, refs, logp_sft):
+        if refs is None:
+            return logp_sft
+        return all_logps(apply_fn, drive.reference(base, refs[s.lora_mode]), seqs, s.vocab)
+
+    def tracked(logp, logp_sft, loss, refs):
+        m = _metrics(logp, logp_sft, d)
+        m["loss"] = loss
+        if refs is not None:
+            m["drift"], m["ref_delta_norm"] = reference_drift(
+                los["factors"].reference_deltas(refs["factors"]),
+                los["merged"].reference_deltas(refs["merged"]),
+            )
+        return m
+
+    def one(sft_params, key):
+        base = sft_params  # pi_sft, frozen
+        logp_sft = all_logps(apply_fn, base, seqs, s.vocab)
+        adapters = drive.init_adapters(key, base)
+        refs = None
+        if mode != "vanilla":
+            refs = {m: lo.init_reference(adapters, enabled=True) for m, lo in los.items()}
+
+        def step(carry, _):
+            adapters, refs, opt, k = carry
+            ref_logp = ref_logps(base, refs, logp_sft)
+            (loss, logp), g = jax.value_and_grad(loss_fn, has_aux=True)(adapters, base, ref_logp)
+            m = tracked(logp, logp_sft, loss, refs)  # after k steps (before this update)
+            upd, opt = tx.update(g, opt, adapters)
+            adapters = optax.apply_updates(adapters, upd)
+            k = k + 1
+            if refs is not None:
+                refs = {name: updates[name].update(r, adapters, k) for name, r in refs.items()}
+            return (adapters, refs, opt, k), m
+
+        init = (adapters, refs, tx.init(adapters), jnp.zeros((), jnp.int32))
+        (adapters, refs, _, _), per_step = jax.lax.scan(step, init, None, length=s.steps)
+        loss, logp = loss_fn(adapters, base, ref_logps(base, refs, logp_sft))
+        last = tracked(logp, logp_sft, loss, refs)
+        curves = {k: jnp.concatenate([per_step[k], last[k][None]]) for k in per_step}
+        return curves, adapters, refs
 
     return jax.jit(jax.vmap(one))
 
@@ -412,6 +558,43 @@ def summarize(per_seed: dict, s: ToySettings) -> dict:
     return out
 
 
+def _sig(a, digits: int = 4) -> list:
+    """``a`` as a (nested) list of floats rounded to ``digits`` significant digits."""
+    return np.vectorize(lambda x: float(f"{x:.{digits}g}"), otypes=[float])(a).tolist()
+
+
+def drift_steps(steps: int) -> list[int]:
+    """The columns of the drift table: ``DRIFT_STEPS`` up to ``steps``, and ``steps``."""
+    return sorted({c for c in DRIFT_STEPS if c <= steps} | {steps})
+
+
+def summarize_drift(per_seed: dict, s: ToySettings) -> dict:
+    """The drift of a LoRA TR run from per-seed curves {name in LORA_TRACKED: [seeds,
+    steps + 1]} (4 significant digits): per_step: mean and max over seeds at every step;
+    at_step: mean, max and per-seed values at ``drift_steps``; peak: each seed's largest
+    drift and its step."""
+    drift = per_seed["drift"]
+    return {
+        "lora_mode": s.lora_mode,
+        "per_step": {
+            k: {"mean": _sig(v.mean(axis=0)), "max": _sig(v.max(axis=0))}
+            for k, v in per_seed.items()
+        },
+        "at_step": {
+            str(c): {
+                k: {
+                    "mean": _sig(v[:, c].mean()),
+                    "max": _sig(v[:, c].max()),
+                    "per_seed": _sig(v[:, c]),
+                }
+                for k, v in per_seed.items()
+            }
+            for c in drift_steps(s.steps)
+        },  # fmt: skip
+        "peak": {"drift": _sig(drift.max(axis=1)), "step": drift.argmax(axis=1).tolist()},
+    }
+
+
 def run(s: ToySettings = ToySettings(), methods=None, *, log=print) -> dict:
     """Trains every method from the same pi_sft per seed; returns the results dict:
 
@@ -429,7 +612,10 @@ def run(s: ToySettings = ToySettings(), methods=None, *, log=print) -> dict:
     results = {"settings": settings_dict(s), "methods": {}}
     for name in methods:
         t = time.perf_counter()
-        curves = jax.device_get(make_train(s, name)(sft_params)[0])
+        if s.lora_rank:
+            curves = jax.device_get(make_train(s, name)(sft_params, lora_keys(s))[0])
+        else:
+            curves = jax.device_get(make_train(s, name)(sft_params)[0])
         per_seed = {k: np.asarray(curves[k], np.float64) for k in TRACKED}
         loss_type, reference = METHODS[name]
         results["methods"][name] = {
@@ -438,6 +624,10 @@ def run(s: ToySettings = ToySettings(), methods=None, *, log=print) -> dict:
             "seconds": time.perf_counter() - t,
             **summarize(per_seed, s),
         }
+        if "drift" in curves:
+            results["methods"][name]["drift"] = summarize_drift(
+                {k: np.asarray(curves[k], np.float64) for k in LORA_TRACKED}, s
+            )
         log(f"toy: {name}: {time.perf_counter() - t:.1f}s")
     results["seconds"] = time.perf_counter() - t0
     return results
@@ -459,6 +649,14 @@ def settings_dict(s: ToySettings) -> dict:
         "soft": f"alpha {s.soft_alpha}, tau {s.soft_tau}",
         "hard": f"alpha 1, tau {s.hard_tau}",
     }
+    if s.lora_rank:
+        lo = toy_lora(s)
+        d["lora"] = (
+            f"rank {lo.rank}, alpha {lo.alpha} (scale {lo.scale:g}) on {list(lo.targets)} of "
+            f"pi_sft (frozen); the TR reference is pi_sft + its delta, updated in mode "
+            f"{s.lora_mode!r} (drives the loss); drift: the other mode's reference replayed "
+            "on the same policy"
+        )
     return d
 
 
@@ -505,7 +703,41 @@ def table(results: dict) -> str:
         f"mean ± std over {s['seeds']} seeds; KL columns: values at the first step where a "
         f"seed's KL(pi‖pi_sft) reaches the target (n seeds when not all did)."
     )
+    lines += drift_table(results)
     return "\n".join(lines)
+
+
+def _e(x) -> str:
+    return f"{x:.2e}"
+
+
+def drift_table(results: dict) -> list[str]:
+    """The LoRA TR methods' drift at ``drift_steps`` (mean over seeds, max in brackets) as
+    markdown lines; [] without LoRA."""
+    rows = {n: e["drift"] for n, e in results["methods"].items() if "drift" in e}
+    if not rows:
+        return []
+    s = results["settings"]
+    cps = drift_steps(s["steps"])
+    lines = [
+        "",
+        "| method | " + " | ".join(f"drift @ {c}" for c in cps) + " | peak drift (step) |",
+        "| --- |" + " ---: |" * (len(cps) + 1),
+    ]
+    for name, e in rows.items():
+        cells = [
+            f"{_e(e['at_step'][str(c)]['drift']['mean'])} ({_e(e['at_step'][str(c)]['drift']['max'])})"
+            for c in cps
+        ]
+        i = int(np.argmax(e["peak"]["drift"]))
+        cells.append(f"{_e(e['peak']['drift'][i])} ({e['peak']['step'][i]})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"LoRA: {s['lora']}; drift = ||D_ref(factors) - D_ref(exact)||_F / ||D_ref(exact)||_F "
+        "over the targets, mean over seeds (max); peak: the largest over seeds and steps.",
+    ]
+    return lines
 
 
 def _at_kl_grid(per_seed_kl, per_seed_ood, grid):

@@ -173,11 +173,12 @@ def schedule_extensions(config, num_examples: int) -> tuple[tuple[int, int], ...
     return tuple(out)
 
 
-def load_data(config, model_config, *, progress: bool = True) -> pipeline.Data:
-    """The run's train/eval data (``config.data``); raises DataError/ConfigError on bad input."""
+def load_data(config, model_config, *, progress: bool = True, records=None) -> pipeline.Data:
+    """The run's train/eval data (``config.data``; ``records``: ``data.split``'s records when
+    already read, see ``pipeline.load``); raises DataError/ConfigError on bad input."""
     config_lib.check_model_fits_data(config, model_config)  # a pretrained model's context
     data, tokenizer = pipeline.from_config(
-        config, vocab_size=model_config.vocab_size, progress=progress
+        config, vocab_size=model_config.vocab_size, progress=progress, records=records
     )
     if tokenizer is not None and len(tokenizer) > model_config.vocab_size:
         source = defaults.get(config, "data.tokenizer") or defaults.get(config, "model.pretrained")
@@ -188,7 +189,7 @@ def load_data(config, model_config, *, progress: bool = True) -> pipeline.Data:
     return data
 
 
-def build(config, devices=None, *, progress: bool = True, set_keys=()) -> Built:
+def build(config, devices=None, *, progress: bool = True, set_keys=(), records=None) -> Built:
     """Validates ``config`` and builds mesh, model, data, optimizer and compiled steps.
 
     Every check that needs no weights runs before they are read: the config, the model's
@@ -196,6 +197,7 @@ def build(config, devices=None, *, progress: bool = True, set_keys=()) -> Built:
     than a batch...). Process 0 then prints the config's warnings (``config.warnings``;
     ``set_keys``: the keys the user set, e.g. the CLI's ``--config.KEY`` overrides) as
     ``tr-align: warning: ...`` lines, and a status line while a pretrained model loads.
+    ``records``: the records of ``data.split`` when already read (``pipeline.load``).
     """
     devices = jax.devices() if devices is None else list(devices)
     config_lib.validate(config, len(devices))
@@ -208,7 +210,9 @@ def build(config, devices=None, *, progress: bool = True, set_keys=()) -> Built:
         )
         return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
 
-    data = load_data(config, pretrained.load_config(config.model), progress=progress)
+    data = load_data(
+        config, pretrained.load_config(config.model), progress=progress, records=records
+    )
     if jax.process_index() == 0:
         for warning in config_lib.warnings(
             config, num_steps(config.train, len(data.train)), set_keys
@@ -259,6 +263,7 @@ def run(
     devices=None,
     allow_config_change=(),
     set_keys=(),
+    records=None,
 ) -> dict:
     """Trains (or resumes) the run described by ``config`` in ``workdir``.
 
@@ -273,6 +278,8 @@ def run(
         ``tr-align train --allow_config_change=KEY,...``).
       set_keys: the config keys the user set explicitly (the CLI's ``--config.KEY``
         overrides), for the warnings about settings that do nothing (``config.warnings``).
+      records: the records of ``data.split`` when the caller has read them already (the
+        front door), so that the data files are read once (``pipeline.load``).
 
     Returns:
       A summary dict (also written to ``workdir/summary.json``).
@@ -284,7 +291,9 @@ def run(
         config, workdir, allow=allow_config_change, log=print if is_main else None
     )
     # validates the config and reads all data before anything is written
-    built = build(config, devices, progress=progress and is_main, set_keys=set_keys)
+    built = build(
+        config, devices, progress=progress and is_main, set_keys=set_keys, records=records
+    )
     mesh = built.mesh
     data = built.data
     run_dir = RunDir(workdir)
