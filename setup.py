@@ -53,6 +53,12 @@ setup(
             "accelerate==1.15.0",
             "tokenizers==0.23.3",
         ],
+        # tr-align plan --gpu=...: XLA:GPU compiles for a described card without a GPU. The
+        # plugin must match jax's version exactly (jax pins jaxlib the same way); no CUDA
+        # libraries are needed to compile-only. Keep it out of a venv that runs anything
+        # else on a machine without a GPU: the plugin reports a missing CUDA at every jax start
+        # that does not set JAX_PLATFORMS=cpu (tr-align plan sets it).
+        "plan-gpu": ["jax-cuda12-plugin>=0.10,<0.11", "jax-cuda12-pjrt>=0.10,<0.11"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",

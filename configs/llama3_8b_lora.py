@@ -2,14 +2,21 @@
 (configs/llama3_8b_ultrafeedback.py, tr-soft) with rank-16 adapters on every attention and
 MLP projection, a frozen bfloat16 base and the factor-EMA reference (adapter memory).
 
-Check the memory on one 80 GB and one 24 GB GPU (README "LoRA"):
+Check the memory on one 80 GB and one 24 GB GPU with the GPU compiler (no GPU needed;
+pip install -e '.[plan-gpu]'; docs/lora.md "Memory"):
 
-    tr-align plan --config=configs/llama3_8b_lora.py --devices=1 --mesh=data=1,fsdp=1,tensor=1 \\
-      --batch_per_device=1 --seq_len=1024 --hbm=80GB
-    tr-align plan ... --hbm=24GB
+    tr-align plan --config=configs/llama3_8b_lora.py --model=configs/hf/llama3_8b.json \
+      --gpu=h100 --seq_len=1024        # 22.49 GiB per device: fits, 56.6 GiB to spare
+    tr-align plan ... --gpu=rtx4090    # 22.88 GiB of 23.99: fits, 1.1 GiB to spare
+
+Train (one GPU; on a 24 GB card give XLA the memory: XLA_PYTHON_CLIENT_MEM_FRACTION=0.95):
+
+    tr-align train --config=configs/llama3_8b_lora.py:tr-soft --workdir=runs/llama3_8b_lora/tr-soft
 
 Presets as the UltraFeedback recipe's (tr-soft [default], tr-hard, dpo); one GPU: the mesh is
-data=1, and the paper's 64 pairs come from train.grad_accum_steps.
+data=1, and the paper's 64 pairs come from train.grad_accum_steps (64 microbatches of one
+pair). Expected result: not measured (no GPU was lent to this project); compare with the
+full-parameter recipe's at matched KL (tr-align eval).
 """
 
 import os

@@ -6,7 +6,10 @@ max_grad_norm 2, max_length 1024, batch 64 pairs, one epoch, bf16 compute with f
 master weights, parameters/reference/optimizer sharded over all devices (FSDP).
 
 Hardware: one host with 8 x H100 80GB (FSDP over 8 devices); or a TPU v5p-32 slice. Check the memory first:
-    tr-align plan --config=configs/llama3_8b_ultrafeedback.py:tr-soft --devices=8 --hbm=h100
+    tr-align plan --config=configs/llama3_8b_ultrafeedback.py:tr-soft \
+      --model=configs/hf/llama3_8b.json --gpu=h100:8 --seq_len=1024
+    (the GPU compiler, no GPU needed: pip install -e '.[plan-gpu]'; or --devices=8 --hbm=h100
+    for XLA:CPU's estimate, which runs high)
 
 Run on one GPU host (launch/gpu_local.sh wraps the same commands with the venv and logs):
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ from tr_align.tools import plan
 
 # The default tiny Llama: V=32, D=64, F=128, L=2 layers, H=4 heads, K=2 kv heads, E=16, tied.
 V, D, F, L, H, K, E = 32, 64, 128, 2, 4, 2, 16
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "gpu_specs"
 N_PARAMS = V * D + L * (2 * D + D * H * E + 2 * D * K * E + H * E * D + 3 * D * F) + D
 
 
@@ -113,6 +116,85 @@ def test_cli_plan_sets_up_fake_devices_and_writes_json(tmp_path):
     assert 4 * N_PARAMS / 2 <= b["params"] <= 4 * N_PARAMS and report["fits"] is True
     assert b["arguments"] == _state_and_batch(b)
     assert "verdict: fits" in proc.stdout and "| HBM 16.00 GiB |" in proc.stdout
+
+
+def _textproto_fields(text: str) -> dict:
+    """``key: value`` lines of a text proto, nested messages flattened by their innermost
+    key (enough for GpuTargetConfigProto); ``{ major: 9 minor: 0 }`` on one line too."""
+    out = {}
+    for key, value in re.findall(r"(\w+)\s*:\s*(\"[^\"]*\"|[0-9.e+-]+)", text):
+        out.setdefault(key, value.strip('"'))
+    return out
+
+
+@pytest.mark.parametrize("card, fixture", [("h100", "h100_sxm"), ("a100-40", "a100_40")])
+def test_gpu_targets_are_xlas_own_specs(card, fixture):
+    """The cards --gpu compiles for carry XLA's published numbers (fixtures copied from
+    xla/tools/hlo_opt/gpu_specs), so XLA:GPU plans for the real card."""
+    xla = _textproto_fields((FIXTURES / f"{fixture}.txtpb").read_text())
+    ours = _textproto_fields(plan.gpu_target_config(card))
+    numbers = ("core_count", "fpus_per_core", "shared_memory_per_core", "threads_per_core_limit",
+               "l2_cache_size", "memory_bandwidth", "clock_rate_ghz", "device_memory_size",
+               "shared_memory_per_block_optin", "shared_memory_per_block", "major")  # fmt: skip
+    for key in numbers:
+        assert float(ours[key]) == float(xla[key]), key
+    for key in ("device_description_str", "platform_name"):
+        assert ours[key] == xla[key], key
+
+
+def test_gpu_card_names_and_the_24_gb_card():
+    assert plan.parse_gpu("h100") == ("h100", 1)
+    assert plan.parse_gpu("RTX4090:2") == ("rtx4090", 2)
+    for bad in ("h300", "h100:0", "h100:x", "4090"):
+        with pytest.raises(ConfigError, match="--gpu="):
+            plan.parse_gpu(bad)
+    # nvidia-smi's 24564 MiB of an RTX 4090, Ada's compute capability 8.9
+    rtx = _textproto_fields(plan.gpu_target_config("rtx4090"))
+    assert int(rtx["device_memory_size"]) == 24564 * 1024 * 1024 == 25_757_220_864
+    assert "major: 8 minor: 9" in plan.gpu_target_config("rtx4090")
+
+
+def _has_cuda_plugin() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
+        return False
+
+
+@pytest.mark.skipif(_has_cuda_plugin(), reason="the CUDA plugin is installed here")
+def test_gpu_plan_without_the_cuda_plugin_says_what_to_install():
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tr_align", "plan", "--gpu=h100", "--seq_len=8"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "[plan-gpu]" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs jax-cuda12-plugin (the plan-gpu extra)")
+def test_gpu_compiler_plan_when_the_cuda_plugin_is_installed(tmp_path):
+    """XLA:GPU compiles the step for two described H100s (no GPU): XLA's own count of the
+    inputs equals the shape arithmetic, the state is donated, the default HBM is the card's."""
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tr_align", "plan", "--gpu=h100:2", "--mesh=data=2,fsdp=1",
+         "--seq_len=16", "--batch_per_device=2", f"--out={out}", "--config.data.packing=none"],
+        cwd=REPO, env={**os.environ}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["platform"] == "gpu" and report["devices"] == 2
+    assert report["device_kind"] == "NVIDIA H100 80GB HBM3"
+    b = report["bytes"]
+    assert b["params"] == b["reference"] == 4 * N_PARAMS
+    assert b["batch"] == 6 * 2 * 16 * 4
+    assert b["arguments"] == _state_and_batch(b) and b["aliased"] == _state_and_batch(b) - b["batch"]
+    assert report["hbm"] == 84_929_347_584 and report["fits"] is True
 
 
 def test_tpu_compiler_plan_when_libtpu_is_installed():

@@ -37,6 +37,7 @@ Commands:
           tr-align plan --config=configs/default.py --model=configs/hf/llama3_8b.json \
             --devices=8 --mesh=data=1,fsdp=8,tensor=1 --seq_len=1024 --hbm=h100 [--out=F.json]
           tr-align plan ... --tpu=v5p-32   (the TPU compiler via libtpu; no TPU needed)
+          tr-align plan ... --gpu=h100:8   (the GPU compiler via the CUDA plugin; no GPU needed)
           tr-align bench --memory --config=configs/llama_100m.py --out=bench/memory.json
           (compiled train-step memory per memory lever, compile only)
   toy     Toy overoptimization experiment (exact probabilities of all sequences; DPO/IPO/KTO-pair
@@ -657,6 +658,12 @@ def _plan(argv) -> None:
         "tpu", None, "Plan for a TPU slice, e.g. v5p-32 or v5e-64, with the TPU compiler (libtpu)."
     )
     flags.DEFINE_string(
+        "gpu",
+        None,
+        "Plan for NVIDIA GPUs, CARD[:COUNT] with CARD in h100, a100-80, a100-40, rtx4090 "
+        "(e.g. h100:8), with the GPU compiler (the plan-gpu extra; no GPU needed).",
+    )
+    flags.DEFINE_string(
         "mesh", "", "Mesh override, e.g. data=1,fsdp=16,tensor=1 (axes not named: the config's)."
     )
     flags.DEFINE_integer("seq_len", 1024, "Tokens per chosen / rejected sequence.")
@@ -671,7 +678,7 @@ def _plan(argv) -> None:
         None,
         "Memory per device to check against: a size (95GiB, 80GB) or a name "
         "(v4, v5e, v5p, v6e, a100-40, a100-80, h100, h200). Default: the --tpu generation's, "
-        "or the real device's limit.",
+        "the --gpu card's, or the real device's limit.",
     )
     flags.DEFINE_string("out", None, "Also write the report as JSON here.")
     FLAGS = flags.FLAGS
@@ -684,10 +691,17 @@ def _plan(argv) -> None:
         from tr_align.config import ConfigError
         from tr_align.tools import plan
 
-        if FLAGS.devices is not None and FLAGS.tpu:
-            raise ConfigError("--devices and --tpu: give one of them")
+        given = [f"--{k}" for k in ("devices", "tpu", "gpu") if getattr(FLAGS, k) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"{' and '.join(given)}: give one of them")
         hbm, label = (None, None) if FLAGS.hbm is None else plan.parse_bytes(FLAGS.hbm)
-        if FLAGS.tpu:
+        if FLAGS.gpu:
+            devices = plan.gpu_devices(FLAGS.gpu)
+            if hbm is None:
+                card = plan.GPU_TARGETS[plan.parse_gpu(FLAGS.gpu)[0]]
+                hbm = card["device_memory_size"]
+                label = f"{card['description']} ({hbm / 2**30:.2f} GiB)"
+        elif FLAGS.tpu:
             devices = plan.tpu_devices(FLAGS.tpu)
             if hbm is None:
                 hbm, label = plan.parse_bytes(plan.tpu_topology(FLAGS.tpu)[0])
@@ -721,8 +735,10 @@ def _plan(argv) -> None:
 
 
 def _plan_environment(argv) -> None:
-    """Before jax starts: ``plan --devices=N`` needs N CPU devices, ``plan --tpu=...`` only
-    the CPU backend (the TPU compiler is reached through libtpu's topology description).
+    """Before jax starts: ``plan --devices=N`` needs N CPU devices, ``plan --tpu=...`` and
+    ``--gpu=...`` only the CPU backend (the TPU / GPU compiler is reached through libtpu's /
+    the CUDA plugin's topology description; JAX_PLATFORMS=cpu also keeps the plugin from
+    looking for a GPU).
 
     Sets JAX_PLATFORMS=cpu, XLA_FLAGS=--xla_force_host_platform_device_count=N and
     TR_ALIGN_DISTRIBUTED=0 (no multi-host start-up for a plan). When jax
@@ -733,7 +749,7 @@ def _plan_environment(argv) -> None:
         return
     value = {}
     for i, arg in enumerate(argv):
-        for name in ("devices", "tpu"):
+        for name in ("devices", "tpu", "gpu"):
             if arg.startswith(f"--{name}="):
                 value[name] = arg.split("=", 1)[1]
             elif arg == f"--{name}" and i + 1 < len(argv):
@@ -750,6 +766,14 @@ def _plan_environment(argv) -> None:
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{gen.replace('v5e', 'v5litepod')}-{size}")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("TPU_WORKER_ID", "0")
+    if "gpu" in value and "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
+        # Without a GPU there is no autotuning, and XLA:GPU's default Triton GEMM tiling fails
+        # on the rank-r adapter matmuls ("INTERNAL: Couldn't find output tile sizes", Llama-3-8B
+        # LoRA r16): plan with cuBLAS GEMMs (their operands are materialized where a Triton
+        # fusion might not need them, so the temp errs high if anything).
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
+        ).strip()
     n = value.get("devices", "")
     if n.isdigit():
         flags = [

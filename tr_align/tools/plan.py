@@ -8,6 +8,9 @@ with the state shardings the loop would use (``sharding.state_shardings``), for 
   CPU compiler's buffer assignment, an estimate of an accelerator's;
 * a TPU slice (``tpu_devices("v5p-32")``): the TPU compiler itself, from libtpu's
   topology description, on any machine with libtpu installed (no TPU needed);
+* NVIDIA GPUs (``gpu_devices("h100:8")``): the GPU compiler itself (XLA:GPU through the
+  ``jax-cuda12-plugin``), compiling for a ``GpuTargetConfigProto`` that describes the card
+  (``GPU_TARGETS``) on any machine, no GPU or CUDA driver needed;
 * the real devices of this machine (GPU / TPU).
 
 Per-device bytes of the policy parameters, the reference, the optimizer state and the
@@ -159,6 +162,118 @@ def tpu_devices(slice_name: str):
             f"expected {chips} chips"
         )
     return devices
+
+
+# The cards ``--gpu`` can compile for: what XLA's GpuTargetConfigProto needs of each
+# (stream_executor DeviceDescription fields). h100 and a100-40 are XLA's own specs
+# (xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb, a100_40.txtpb); a100-80 is a100-40 with the
+# 80 GB card's bandwidth (2039 GB/s) and memory; rtx4090 (24 GB, Ada) is from NVIDIA's
+# published figures (128 SMs, compute capability 8.9, 72 MB L2, 1008 GB/s, 2.52 GHz boost,
+# 100 KiB shared memory per SM). The memory of those two is nvidia-smi's total (81920 and
+# 24564 MiB). device_memory_size is what the compiler plans against (XLA:GPU
+# rematerializes to stay under it) and the plan's default HBM.
+GPU_TARGETS = {
+    "h100": dict(
+        description="NVIDIA H100 80GB HBM3", cc=(9, 0), cores=132, fpus_per_core=128,
+        shared_memory_per_core=233472, shared_memory_per_block_optin=232448,
+        threads_per_core_limit=2048, l2_cache_size=52428800, memory_bandwidth=3352320000000,
+        clock_rate_ghz=1.98, device_memory_size=84929347584,
+    ),
+    "a100-80": dict(
+        description="NVIDIA A100-SXM4-80GB", cc=(8, 0), cores=108, fpus_per_core=64,
+        shared_memory_per_core=167936, shared_memory_per_block_optin=166912,
+        threads_per_core_limit=2048, l2_cache_size=41943040, memory_bandwidth=2039000000000,
+        clock_rate_ghz=1.41, device_memory_size=81920 * 2**20,
+    ),
+    "a100-40": dict(
+        description="NVIDIA A100-SXM4-40GB", cc=(8, 0), cores=108, fpus_per_core=64,
+        shared_memory_per_core=167936, shared_memory_per_block_optin=166912,
+        threads_per_core_limit=2048, l2_cache_size=41943040, memory_bandwidth=1555200000000,
+        clock_rate_ghz=1.41, device_memory_size=42331013120,
+    ),
+    "rtx4090": dict(
+        description="NVIDIA GeForce RTX 4090", cc=(8, 9), cores=128, fpus_per_core=128,
+        shared_memory_per_core=102400, shared_memory_per_block_optin=101376,
+        threads_per_core_limit=1536, l2_cache_size=75497472, memory_bandwidth=1008000000000,
+        clock_rate_ghz=2.52, device_memory_size=24564 * 2**20,
+    ),
+}
+
+
+def gpu_target_config(name: str) -> str:
+    """The ``GpuTargetConfigProto`` (text format) of a ``GPU_TARGETS`` card."""
+    t = GPU_TARGETS[name]
+    major, minor = t["cc"]
+    info = dict(
+        threads_per_block_limit=1024,
+        threads_per_warp=32,
+        shared_memory_per_block=49152,
+        shared_memory_per_core=t["shared_memory_per_core"],
+        threads_per_core_limit=t["threads_per_core_limit"],
+        core_count=t["cores"],
+        fpus_per_core=t["fpus_per_core"],
+        block_dim_limit_x=2147483647,
+        block_dim_limit_y=65535,
+        block_dim_limit_z=65535,
+        memory_bandwidth=t["memory_bandwidth"],
+        l2_cache_size=t["l2_cache_size"],
+        clock_rate_ghz=t["clock_rate_ghz"],
+        device_memory_size=t["device_memory_size"],
+        shared_memory_per_block_optin=t["shared_memory_per_block_optin"],
+    )
+    lines = ["gpu_device_info {"] + [f"  {k}: {v}" for k, v in info.items()]
+    lines += [
+        f"  cuda_compute_capability {{ major: {major} minor: {minor} }}",
+        "  registers_per_core_limit: 65536",
+        "  registers_per_block_limit: 65536",
+        "}",
+        'platform_name: "CUDA"',
+        "runtime_version { major: 12 minor: 8 }",
+        "dnn_version_info { major: 9 minor: 7 }",
+        f'device_description_str: "{t["description"]}"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_gpu(spec: str) -> tuple[str, int]:
+    """``"h100"`` / ``"h100:8"`` -> (card, count)."""
+    name, _, count = spec.strip().lower().partition(":")
+    if name not in GPU_TARGETS or (count and not (count.isdigit() and int(count) >= 1)):
+        raise ConfigError(
+            f"--gpu={spec!r}: expected CARD or CARD:COUNT with CARD in "
+            f"{', '.join(GPU_TARGETS)}, e.g. h100:8"
+        )
+    return name, int(count or 1)
+
+
+def gpu_devices(spec: str):
+    """The devices of ``spec`` GPUs (``parse_gpu``) as XLA:GPU sees them: compile-only
+    devices from the CUDA plugin's topology description of ``GPU_TARGETS[card]``, 8 per host
+    (no GPU or CUDA driver needed, only the ``jax-cuda12-plugin`` package)."""
+    name, n = parse_gpu(spec)
+    try:
+        import jax_plugins.xla_cuda12  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"--gpu={spec}: the GPU compiler comes with the CUDA plugin; install it with "
+            "pip install -e '.[plan-gpu]' (no GPU or CUDA is needed to plan)"
+        ) from None
+    from jax.experimental import topologies
+
+    per_host = min(n, 8)
+    if n % per_host:
+        raise ConfigError(f"--gpu={spec}: more than 8 GPUs must be a multiple of 8 (hosts of 8)")
+    try:
+        topo = topologies.get_topology_desc(
+            "plan", "cuda", target_config=gpu_target_config(name),
+            topology=f"1x{n // per_host}x{per_host}",
+        )  # fmt: skip
+    except (NotImplementedError, jax.errors.JaxRuntimeError) as e:
+        raise ConfigError(
+            f"--gpu={spec}: the CUDA plugin could not describe the GPUs ({str(e).splitlines()[0]}); "
+            "it needs JAX_PLATFORMS=cpu in a process without a GPU (tr-align plan sets it)"
+        ) from None
+    return list(topo.devices)
 
 
 def cpu_devices(n: int):
