@@ -170,20 +170,15 @@ def tpu_devices(slice_name: str):
 # 80 GB card's bandwidth (2039 GB/s) and memory; rtx4090 (24 GB, Ada) is from NVIDIA's
 # published figures (128 SMs, compute capability 8.9, 72 MB L2, 1008 GB/s, 2.52 GHz boost,
 # 100 KiB shared memory per SM). The memory of those two is nvidia-smi's total (81920 and
-# 24564 MiB). device_memory_size is what the compiler plans against (XLA:GPU
-# rematerializes to stay under it) and the plan's default HBM.
+# 24564 MiB). device_memory_size is what the compiler plans against (XLA:GPU's scheduler
+# and rematerialization take it as the memory limit) and the plan's default HBM.
+# fmt: off
 GPU_TARGETS = {
     "h100": dict(
         description="NVIDIA H100 80GB HBM3", cc=(9, 0), cores=132, fpus_per_core=128,
         shared_memory_per_core=233472, shared_memory_per_block_optin=232448,
         threads_per_core_limit=2048, l2_cache_size=52428800, memory_bandwidth=3352320000000,
         clock_rate_ghz=1.98, device_memory_size=84929347584,
-    ),
-    "a100-80": dict(
-        description="NVIDIA A100-SXM4-80GB", cc=(8, 0), cores=108, fpus_per_core=64,
-        shared_memory_per_core=167936, shared_memory_per_block_optin=166912,
-        threads_per_core_limit=2048, l2_cache_size=41943040, memory_bandwidth=2039000000000,
-        clock_rate_ghz=1.41, device_memory_size=81920 * 2**20,
     ),
     "a100-40": dict(
         description="NVIDIA A100-SXM4-40GB", cc=(8, 0), cores=108, fpus_per_core=64,
@@ -198,6 +193,13 @@ GPU_TARGETS = {
         clock_rate_ghz=2.52, device_memory_size=24564 * 2**20,
     ),
 }
+# fmt: on
+GPU_TARGETS["a100-80"] = dict(
+    GPU_TARGETS["a100-40"],
+    description="NVIDIA A100-SXM4-80GB",
+    memory_bandwidth=2039000000000,
+    device_memory_size=81920 * 2**20,
+)
 
 
 def gpu_target_config(name: str) -> str:
