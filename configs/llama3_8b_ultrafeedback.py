@@ -7,7 +7,9 @@ master weights, parameters/reference/optimizer sharded over all devices (FSDP).
 
 Hardware: one host with 8 x H100 80GB (FSDP over 8 devices); or a TPU v5p-32 slice. Check the memory first:
     tr-align plan --config=configs/llama3_8b_ultrafeedback.py:tr-soft \
-      --model=configs/hf/llama3_8b.json --gpu=h100:8 --seq_len=1024
+      --model=configs/hf/llama3_8b.json --gpu=h100:8 --seq_len=1024 --batch_per_device=1
+    (the default recipe's step at this size, one pair per GPU: 49.4 GiB per H100 by XLA:GPU,
+    33.7 with model.remat=full and train.logps_chunk_size=128; docs/scaling.md)
     (the GPU compiler, no GPU needed: pip install -e '.[plan-gpu]'; or --devices=8 --hbm=h100
     for XLA:CPU's estimate, which runs high)
 
