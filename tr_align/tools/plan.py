@@ -164,30 +164,30 @@ def tpu_devices(slice_name: str):
     return devices
 
 
-# The cards ``--gpu`` can compile for: what XLA's GpuTargetConfigProto needs of each
-# (stream_executor DeviceDescription fields). h100 and a100-40 are XLA's own specs
-# (xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb, a100_40.txtpb); a100-80 is a100-40 with the
-# 80 GB card's bandwidth (2039 GB/s) and memory; rtx4090 (24 GB, Ada) is from NVIDIA's
-# published figures (128 SMs, compute capability 8.9, 72 MB L2, 1008 GB/s, 2.52 GHz boost,
-# 100 KiB shared memory per SM). The memory of those two is nvidia-smi's total (81920 and
+# The cards ``--gpu`` can compile for: what XLA's GpuTargetConfigProto needs of each, under
+# its field names (stream_executor DeviceDescription), plus cc and description. h100 and
+# a100-40 are XLA's own specs (xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb, a100_40.txtpb);
+# a100-80 is a100-40 with the 80 GB card's bandwidth (2039 GB/s) and memory; rtx4090
+# (24 GB, Ada) is from NVIDIA's published figures (128 SMs, compute capability 8.9, 72 MB
+# L2, 1008 GB/s, 2.52 GHz boost, 100 KiB shared memory per SM). The memory of those two is nvidia-smi's total (81920 and
 # 24564 MiB). device_memory_size is what the compiler plans against (XLA:GPU's scheduler
 # and rematerialization take it as the memory limit) and the plan's default HBM.
 # fmt: off
 GPU_TARGETS = {
     "h100": dict(
-        description="NVIDIA H100 80GB HBM3", cc=(9, 0), cores=132, fpus_per_core=128,
+        description="NVIDIA H100 80GB HBM3", cc=(9, 0), core_count=132, fpus_per_core=128,
         shared_memory_per_core=233472, shared_memory_per_block_optin=232448,
         threads_per_core_limit=2048, l2_cache_size=52428800, memory_bandwidth=3352320000000,
         clock_rate_ghz=1.98, device_memory_size=84929347584,
     ),
     "a100-40": dict(
-        description="NVIDIA A100-SXM4-40GB", cc=(8, 0), cores=108, fpus_per_core=64,
+        description="NVIDIA A100-SXM4-40GB", cc=(8, 0), core_count=108, fpus_per_core=64,
         shared_memory_per_core=167936, shared_memory_per_block_optin=166912,
         threads_per_core_limit=2048, l2_cache_size=41943040, memory_bandwidth=1555200000000,
         clock_rate_ghz=1.41, device_memory_size=42331013120,
     ),
     "rtx4090": dict(
-        description="NVIDIA GeForce RTX 4090", cc=(8, 9), cores=128, fpus_per_core=128,
+        description="NVIDIA GeForce RTX 4090", cc=(8, 9), core_count=128, fpus_per_core=128,
         shared_memory_per_core=102400, shared_memory_per_block_optin=101376,
         threads_per_core_limit=1536, l2_cache_size=75497472, memory_bandwidth=1008000000000,
         clock_rate_ghz=2.52, device_memory_size=24564 * 2**20,
@@ -201,28 +201,23 @@ GPU_TARGETS["a100-80"] = dict(
     device_memory_size=81920 * 2**20,
 )
 
+# The fields every card of GPU_TARGETS shares (the same in XLA's H100 and A100 specs).
+_GPU_LIMITS = dict(
+    threads_per_block_limit=1024,
+    threads_per_warp=32,
+    shared_memory_per_block=49152,
+    block_dim_limit_x=2147483647,
+    block_dim_limit_y=65535,
+    block_dim_limit_z=65535,
+)
+
 
 def gpu_target_config(name: str) -> str:
     """The ``GpuTargetConfigProto`` (text format) of a ``GPU_TARGETS`` card."""
     t = GPU_TARGETS[name]
     major, minor = t["cc"]
-    info = dict(
-        threads_per_block_limit=1024,
-        threads_per_warp=32,
-        shared_memory_per_block=49152,
-        shared_memory_per_core=t["shared_memory_per_core"],
-        threads_per_core_limit=t["threads_per_core_limit"],
-        core_count=t["cores"],
-        fpus_per_core=t["fpus_per_core"],
-        block_dim_limit_x=2147483647,
-        block_dim_limit_y=65535,
-        block_dim_limit_z=65535,
-        memory_bandwidth=t["memory_bandwidth"],
-        l2_cache_size=t["l2_cache_size"],
-        clock_rate_ghz=t["clock_rate_ghz"],
-        device_memory_size=t["device_memory_size"],
-        shared_memory_per_block_optin=t["shared_memory_per_block_optin"],
-    )
+    card = {k: v for k, v in t.items() if k not in ("cc", "description")}
+    info = {**_GPU_LIMITS, **card}  # the card's fields under XLA's own names
     lines = ["gpu_device_info {"] + [f"  {k}: {v}" for k, v in info.items()]
     lines += [
         f"  cuda_compute_capability {{ major: {major} minor: {minor} }}",
