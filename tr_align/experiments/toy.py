@@ -342,6 +342,60 @@ def _pair_loss(s: ToySettings, loss_type: str, d: _Data, logp, ref_logp) -> jax.
     return per_example.mean()
 
 
+def _preference_run(s: ToySettings, method: str, *, view, ref_view, ref_update, extra=None):
+    """The preference-training scan shared by ``make_train`` and ``make_lora_train``:
+    ``run(base, params, refs) -> (curves, params, refs)`` for one seed, where the policy is
+    ``view(base, params)``, the reference ``ref_view(base, refs)`` (pi_sft = ``base`` when
+    ``refs`` is None: a vanilla method), ``ref_update(refs, params, k)`` the reference after
+    optimizer step k, and ``extra(refs)`` more metrics per step. curves: {name: [steps + 1]},
+    column k the policy after k optimizer steps."""
+    loss_type, _ = METHODS[method]
+    _, apply_fn = make_policy(s)
+    d = _data(s)
+    seqs = jnp.asarray(d.seqs)
+    tx = optax.adam(s.lr)
+
+    def loss_fn(params, base, ref_logp):
+        logp = all_logps(apply_fn, view(base, params), seqs, s.vocab)
+        return _pair_loss(s, loss_type, d, logp, ref_logp), logp
+
+    def ref_logps(base, refs, logp_sft):
+        if refs is None:
+            return logp_sft
+        return all_logps(apply_fn, ref_view(base, refs), seqs, s.vocab)
+
+    def tracked(logp, logp_sft, loss, refs):
+        m = _metrics(logp, logp_sft, d)
+        m["loss"] = loss
+        if refs is not None and extra is not None:
+            m.update(extra(refs))
+        return m
+
+    def run(base, params, refs):
+        logp_sft = all_logps(apply_fn, base, seqs, s.vocab)
+
+        def step(carry, _):
+            params, refs, opt, k = carry
+            ref_logp = ref_logps(base, refs, logp_sft)
+            (loss, logp), g = jax.value_and_grad(loss_fn, has_aux=True)(params, base, ref_logp)
+            m = tracked(logp, logp_sft, loss, refs)  # after k steps (before this update)
+            upd, opt = tx.update(g, opt, params)
+            params = optax.apply_updates(params, upd)
+            k = k + 1
+            if refs is not None:
+                refs = ref_update(refs, params, k)
+            return (params, refs, opt, k), m
+
+        init = (params, refs, tx.init(params), jnp.zeros((), jnp.int32))
+        (params, refs, _, _), per_step = jax.lax.scan(step, init, None, length=s.steps)
+        loss, logp = loss_fn(params, base, ref_logps(base, refs, logp_sft))
+        last = tracked(logp, logp_sft, loss, refs)
+        curves = {k: jnp.concatenate([per_step[k], last[k][None]]) for k in per_step}
+        return curves, params, refs
+
+    return run
+
+
 def make_train(s: ToySettings, method: str):
     """Jitted: pi_sft params (stacked over seeds) -> (curves, policy, reference).
 
@@ -353,44 +407,21 @@ def make_train(s: ToySettings, method: str):
     """
     if s.lora_rank:
         return make_lora_train(s, method)
-    loss_type, mode = METHODS[method]
-    _, apply_fn = make_policy(s)
-    d = _data(s)
-    seqs = jnp.asarray(d.seqs)
-    tx = optax.adam(s.lr)
-
-    def loss_fn(params, ref_logp):
-        logp = all_logps(apply_fn, params, seqs, s.vocab)
-        return _pair_loss(s, loss_type, d, logp, ref_logp), logp
+    _, mode = METHODS[method]
+    alpha, tau = (s.soft_alpha, s.soft_tau) if mode == "soft" else (1.0, s.hard_tau)
+    run = _preference_run(
+        s,
+        method,
+        view=lambda base, params: params,
+        ref_view=lambda base, ref: ref,
+        ref_update=lambda ref, params, k: trust_region.update_reference(
+            ref, params, k, alpha=alpha, tau=tau
+        ),
+    )
 
     def one(sft_params):
-        logp_sft = all_logps(apply_fn, sft_params, seqs, s.vocab)
-
-        def step(carry, _):
-            params, ref, opt, k = carry
-            ref_logp = logp_sft if mode == "vanilla" else all_logps(apply_fn, ref, seqs, s.vocab)
-            (loss, logp), g = jax.value_and_grad(loss_fn, has_aux=True)(params, ref_logp)
-            m = _metrics(logp, logp_sft, d)  # the policy after k steps (before this update)
-            m["loss"] = loss
-            upd, opt = tx.update(g, opt, params)
-            params = optax.apply_updates(params, upd)
-            k = k + 1
-            if mode == "soft":
-                ref = trust_region.update_reference(
-                    ref, params, k, alpha=s.soft_alpha, tau=s.soft_tau
-                )
-            elif mode == "hard":
-                ref = trust_region.update_reference(ref, params, k, alpha=1.0, tau=s.hard_tau)
-            return (params, ref, opt, k), m
-
-        init = (sft_params, sft_params, tx.init(sft_params), jnp.zeros((), jnp.int32))
-        (params, ref, _, _), per_step = jax.lax.scan(step, init, None, length=s.steps)
-        ref_logp = logp_sft if mode == "vanilla" else all_logps(apply_fn, ref, seqs, s.vocab)
-        loss, logp = loss_fn(params, ref_logp)
-        last = _metrics(logp, logp_sft, d)
-        last["loss"] = loss
-        curves = {k: jnp.concatenate([per_step[k], last[k][None]]) for k in TRACKED}
-        return curves, params, ref
+        curves, params, ref = run(sft_params, sft_params, None if mode == "vanilla" else sft_params)
+        return curves, params, sft_params if ref is None else ref
 
     return jax.jit(jax.vmap(one))
 
@@ -435,61 +466,36 @@ def make_lora_train(s: ToySettings, method: str):
     nesting}: the one of ``s.lora_mode`` drove the loss, the other followed the same policy
     trajectory.
     """
-    loss_type, mode = METHODS[method]
-    _, apply_fn = make_policy(s)
-    d = _data(s)
-    seqs = jnp.asarray(d.seqs)
-    tx = optax.adam(s.lr)
+    _, mode = METHODS[method]
     los = {m: toy_lora(s, m) for m in lora.MODES}
     drive = los[s.lora_mode]
     alpha, tau = (s.soft_alpha, s.soft_tau) if mode == "soft" else (1.0, s.hard_tau)
     updates = {m: lora.LoraReferenceUpdate(alpha=alpha, tau=tau, lora=lo) for m, lo in los.items()}
 
-    def loss_fn(adapters, base, ref_logp):
-        logp = all_logps(apply_fn, drive.policy(base, adapters), seqs, s.vocab)
-        return _pair_loss(s, loss_type, d, logp, ref_logp), logp
+    def drift(refs):
+        d, n = reference_drift(
+            los["factors"].reference_deltas(refs["factors"]),
+            los["merged"].reference_deltas(refs["merged"]),
+        )
+        return {"drift": d, "ref_delta_norm": n}
 
-    def ref_logps(base, refs, logp_sft):
-        if refs is None:
-            return logp_sft
-        return all_logps(apply_fn, drive.reference(base, refs[s.lora_mode]), seqs, s.vocab)
-
-    def tracked(logp, logp_sft, loss, refs):
-        m = _metrics(logp, logp_sft, d)
-        m["loss"] = loss
-        if refs is not None:
-            m["drift"], m["ref_delta_norm"] = reference_drift(
-                los["factors"].reference_deltas(refs["factors"]),
-                los["merged"].reference_deltas(refs["merged"]),
-            )
-        return m
+    run = _preference_run(
+        s,
+        method,
+        view=drive.policy,
+        ref_view=lambda base, refs: drive.reference(base, refs[s.lora_mode]),
+        ref_update=lambda refs, adapters, k: {
+            name: updates[name].update(r, adapters, k) for name, r in refs.items()
+        },
+        extra=drift,
+    )
 
     def one(sft_params, key):
-        base = sft_params  # pi_sft, frozen
-        logp_sft = all_logps(apply_fn, base, seqs, s.vocab)
-        adapters = drive.init_adapters(key, base)
+        adapters = drive.init_adapters(key, sft_params)  # on pi_sft, the frozen base
         refs = None
         if mode != "vanilla":
             refs = {m: lo.init_reference(adapters, enabled=True) for m, lo in los.items()}
-
-        def step(carry, _):
-            adapters, refs, opt, k = carry
-            ref_logp = ref_logps(base, refs, logp_sft)
-            (loss, logp), g = jax.value_and_grad(loss_fn, has_aux=True)(adapters, base, ref_logp)
-            m = tracked(logp, logp_sft, loss, refs)  # after k steps (before this update)
-            upd, opt = tx.update(g, opt, adapters)
-            adapters = optax.apply_updates(adapters, upd)
-            k = k + 1
-            if refs is not None:
-                refs = {name: updates[name].update(r, adapters, k) for name, r in refs.items()}
-            return (adapters, refs, opt, k), m
-
-        init = (adapters, refs, tx.init(adapters), jnp.zeros((), jnp.int32))
-        (adapters, refs, _, _), per_step = jax.lax.scan(step, init, None, length=s.steps)
-        loss, logp = loss_fn(adapters, base, ref_logps(base, refs, logp_sft))
-        last = tracked(logp, logp_sft, loss, refs)
-        curves = {k: jnp.concatenate([per_step[k], last[k][None]]) for k in per_step}
-        return curves, adapters, refs
+        return run(sft_params, adapters, refs)
 
     return jax.jit(jax.vmap(one))
 
